@@ -1,0 +1,9 @@
+"""hpc_ops: fast TensorFlow custom ops for recommender and LLM training.
+
+Op families (each also importable as `hpc_ops.gen_<family>_ops`, the raw
+generated wrappers):
+  zero_out      hpc_ops.zero_out
+"""
+__version__ = "0.1.0"
+
+from hpc_ops.zero_out import zero_out  # noqa: F401,E402

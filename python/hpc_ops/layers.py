@@ -1,0 +1,1 @@
+"""Keras 3 layers built on hpc_ops (`hpc_ops.layers.<Layer>`)."""
