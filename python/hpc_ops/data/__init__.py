@@ -1,0 +1,1 @@
+"""Input pipelines for hpc_ops models (`hpc_ops.data.criteo`)."""
