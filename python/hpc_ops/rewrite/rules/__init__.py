@@ -1,0 +1,60 @@
+"""Rewrite rules: each module holds one matcher + replacer.
+
+  rms_norm  RMSNorm subgraphs (Keras 3 RMSNormalization, hand-written) -> RmsNorm
+  zero_out  native "keep the first element, zero the rest" -> ZeroOut
+  op_map    a user-given OldOp=NewOp mapping between identical signatures
+
+(An `embedding` rule, ResourceGather -> SparseTablePull, waits for the
+sparse table op family.)
+"""
+from hpc_ops.rewrite.core import RewriteError
+from hpc_ops.rewrite.core import Rule
+
+DEFAULT = ("rms_norm", "zero_out")
+
+
+def _by_name(name):
+  from hpc_ops.rewrite.rules import op_map  # pylint: disable=g-import-not-at-top
+  from hpc_ops.rewrite.rules import rms_norm  # pylint: disable=g-import-not-at-top
+  from hpc_ops.rewrite.rules import zero_out  # pylint: disable=g-import-not-at-top
+  if name == "rms_norm":
+    return rms_norm.RmsNormRule()
+  if name == "zero_out":
+    return zero_out.ZeroOutRule()
+  if name.startswith("op_map:") or name.startswith("op_map="):
+    return op_map.OpMapRule.from_string(name[len("op_map:"):])
+  if name == "embedding":
+    raise RewriteError("the embedding rule is not available yet: it needs the "
+                       "sparse table op family (SparseTablePull)")
+  raise RewriteError("unknown rule %r (known: rms_norm, zero_out, "
+                     "op_map:OldOp=NewOp[,OldOp2=NewOp2])" % name)
+
+
+def resolve(rules):
+  """Rule objects for `rules`: None (the defaults), a comma-separated
+  string, or a list of names and Rule objects."""
+  if rules is None:
+    rules = DEFAULT
+  if isinstance(rules, str):
+    # "op_map:A=B,C=D" keeps its commas.
+    parts, out = rules.split(","), []
+    for p in parts:
+      p = p.strip()
+      if not p:
+        continue
+      if "=" in p and out and out[-1].startswith("op_map:") and ":" not in p:
+        out[-1] += "," + p
+      else:
+        out.append(p)
+    rules = out
+  objs, seen = [], set()
+  for r in rules:
+    obj = r if isinstance(r, Rule) else _by_name(r)
+    key = obj.name if obj.name != "op_map" else id(obj)
+    if key in seen:
+      continue
+    seen.add(key)
+    objs.append(obj)
+  if not objs:
+    raise RewriteError("no rules given")
+  return objs
