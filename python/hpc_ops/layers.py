@@ -1,1 +1,2 @@
 """Keras 3 layers built on hpc_ops (`hpc_ops.layers.<Layer>`)."""
+from hpc_ops.sparse_table import SparseEmbedding  # noqa: F401,E402

@@ -1,0 +1,686 @@
+// See docs in ../ops/sparse_table_ops.cc.
+//
+// The SparseTable resource and the CPU pull/push algorithms. A batch is
+// first grouped by shard (GroupKeysByShard: a parallel counting sort that
+// keeps batch order inside each shard), then shards are processed in
+// parallel on TensorFlow's intra-op pool, one task per shard, so no two
+// threads of one op ever wait for the same shard lock.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "kernels/common/cpu_parallel.h"
+#include "kernels/sparse_table_op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/lib/core/errors.h"
+#include "tensorflow/core/lib/strings/str_util.h"
+#include "tensorflow/core/lib/strings/strcat.h"
+
+namespace hpc_ops {
+namespace sparse_table {
+
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using Status = absl::Status;
+namespace errors = ::hpc_ops::sparse_table::errors;
+
+// ---------------------------------------------------------------------------
+// TableConfig
+
+namespace {
+
+Status ParseInitializer(const std::string& s, InitializerKind* k) {
+  if (s == "zeros") *k = InitializerKind::kZeros;
+  else if (s == "uniform") *k = InitializerKind::kUniform;
+  else if (s == "truncated_normal") *k = InitializerKind::kTruncatedNormal;
+  else
+    return errors::InvalidArgument(
+        "SparseTableHandle: initializer must be 'zeros', 'uniform' or "
+        "'truncated_normal', got '", s, "'");
+  return Status();
+}
+
+Status ParseOptimizer(const std::string& s, OptimizerKind* k) {
+  if (s == "sgd") *k = OptimizerKind::kSgd;
+  else if (s == "adagrad") *k = OptimizerKind::kAdagrad;
+  else if (s == "adam") *k = OptimizerKind::kAdam;
+  else if (s == "ftrl") *k = OptimizerKind::kFtrl;
+  else
+    return errors::InvalidArgument(
+        "SparseTableHandle: optimizer must be 'sgd', 'adagrad', 'adam' or "
+        "'ftrl', got '", s, "'");
+  return Status();
+}
+
+const char* InitializerName(InitializerKind k) {
+  switch (k) {
+    case InitializerKind::kZeros: return "zeros";
+    case InitializerKind::kUniform: return "uniform";
+    case InitializerKind::kTruncatedNormal: return "truncated_normal";
+  }
+  return "?";
+}
+
+Status CheckFinite(const char* name, float v, float lo, bool lo_open,
+                   float hi = std::numeric_limits<float>::infinity(),
+                   bool hi_open = true) {
+  const bool ok = std::isfinite(v) && (lo_open ? v > lo : v >= lo) &&
+                  (hi_open ? v < hi : v <= hi);
+  if (ok) return Status();
+  return errors::InvalidArgument(
+      "SparseTableHandle: attr ", name, "=", v, " must be finite and ",
+      lo_open ? "> " : ">= ", lo,
+      std::isinf(hi) ? std::string()
+                     : absl::StrCat(hi_open ? " and < " : " and <= ", hi));
+}
+
+}  // namespace
+
+const char* OptimizerName(OptimizerKind k) {
+  switch (k) {
+    case OptimizerKind::kSgd: return "sgd";
+    case OptimizerKind::kAdagrad: return "adagrad";
+    case OptimizerKind::kAdam: return "adam";
+    case OptimizerKind::kFtrl: return "ftrl";
+  }
+  return "?";
+}
+
+Status TableConfig::FromAttrs(OpKernelConstruction* ctx, TableConfig* c) {
+  std::string init, opt;
+  int64_t num_shards = 0;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("dim", &c->dim));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("initializer", &init));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("init_scale", &c->init_scale));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("seed", &c->seed));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("optimizer", &opt));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("initial_accumulator_value",
+                                  &c->initial_accumulator_value));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("epsilon", &c->epsilon));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("beta1", &c->beta1));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("beta2", &c->beta2));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("learning_rate_power", &c->learning_rate_power));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("l1", &c->l1));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("l2", &c->l2));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("num_shards", &num_shards));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("admission_min_count", &c->admission_min_count));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("track_usage", &c->track_usage));
+
+  if (c->dim < 1 || c->dim > kMaxDim) {
+    return errors::InvalidArgument("SparseTableHandle: attr dim=", c->dim,
+                                   " must be in [1, ", kMaxDim, "]");
+  }
+  if (num_shards < 1 || num_shards > kMaxShards ||
+      (num_shards & (num_shards - 1)) != 0) {
+    return errors::InvalidArgument(
+        "SparseTableHandle: attr num_shards=", num_shards,
+        " must be a power of two in [1, ", kMaxShards, "]");
+  }
+  c->num_shards = static_cast<int>(num_shards);
+  if (c->admission_min_count < 0) {
+    return errors::InvalidArgument("SparseTableHandle: attr admission_min_count=",
+                                   c->admission_min_count, " must be >= 0");
+  }
+  TF_RETURN_IF_ERROR(ParseInitializer(init, &c->initializer));
+  TF_RETURN_IF_ERROR(ParseOptimizer(opt, &c->optimizer));
+  TF_RETURN_IF_ERROR(CheckFinite("init_scale", c->init_scale, 0.0f, false));
+  switch (c->optimizer) {
+    case OptimizerKind::kSgd:
+      break;
+    case OptimizerKind::kAdagrad:
+      TF_RETURN_IF_ERROR(CheckFinite("initial_accumulator_value",
+                                     c->initial_accumulator_value, 0.0f, false));
+      TF_RETURN_IF_ERROR(CheckFinite("epsilon", c->epsilon, 0.0f, false));
+      if (c->epsilon == 0.0f && c->initial_accumulator_value == 0.0f) {
+        return errors::InvalidArgument(
+            "SparseTableHandle: adagrad needs epsilon > 0 or "
+            "initial_accumulator_value > 0 (else a zero gradient divides 0 "
+            "by 0)");
+      }
+      break;
+    case OptimizerKind::kAdam:
+      TF_RETURN_IF_ERROR(CheckFinite("beta1", c->beta1, 0.0f, false, 1.0f, true));
+      TF_RETURN_IF_ERROR(CheckFinite("beta2", c->beta2, 0.0f, false, 1.0f, true));
+      TF_RETURN_IF_ERROR(CheckFinite("epsilon", c->epsilon, 0.0f, true));
+      break;
+    case OptimizerKind::kFtrl:
+      TF_RETURN_IF_ERROR(CheckFinite("initial_accumulator_value",
+                                     c->initial_accumulator_value, 0.0f, false));
+      TF_RETURN_IF_ERROR(CheckFinite("l1", c->l1, 0.0f, false));
+      TF_RETURN_IF_ERROR(CheckFinite("l2", c->l2, 0.0f, false));
+      if (!std::isfinite(c->learning_rate_power) || c->learning_rate_power > 0.0f) {
+        return errors::InvalidArgument(
+            "SparseTableHandle: attr learning_rate_power=", c->learning_rate_power,
+            " must be finite and <= 0");
+      }
+      break;
+  }
+  return Status();
+}
+
+bool TableConfig::operator==(const TableConfig& o) const {
+  return dim == o.dim && initializer == o.initializer &&
+         init_scale == o.init_scale && seed == o.seed &&
+         optimizer == o.optimizer &&
+         initial_accumulator_value == o.initial_accumulator_value &&
+         epsilon == o.epsilon && beta1 == o.beta1 && beta2 == o.beta2 &&
+         learning_rate_power == o.learning_rate_power && l1 == o.l1 &&
+         l2 == o.l2 && num_shards == o.num_shards &&
+         admission_min_count == o.admission_min_count &&
+         track_usage == o.track_usage;
+}
+
+std::string TableConfig::DebugString() const {
+  return absl::StrCat(
+      "dim=", dim, " initializer=", InitializerName(initializer), "(",
+      init_scale, ", seed=", seed, ") optimizer=", OptimizerName(optimizer),
+      "(initial_accumulator_value=", initial_accumulator_value,
+      ", epsilon=", epsilon, ", beta1=", beta1, ", beta2=", beta2,
+      ", learning_rate_power=", learning_rate_power, ", l1=", l1, ", l2=", l2,
+      ") num_shards=", num_shards, " admission_min_count=", admission_min_count,
+      " track_usage=", track_usage ? "true" : "false");
+}
+
+// ---------------------------------------------------------------------------
+// Initial values
+
+void InitialValues(const TableConfig& c, int64_t key, float* out) {
+  const int64_t d = c.dim;
+  if (c.initializer == InitializerKind::kZeros || c.init_scale == 0.0f) {
+    std::memset(out, 0, d * sizeof(float));
+    return;
+  }
+  constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ULL;
+  const uint64_t base =
+      SplitMix64(SplitMix64(static_cast<uint64_t>(c.seed)) ^ static_cast<uint64_t>(key));
+  auto word = [base](uint64_t counter) { return SplitMix64(base + counter * kGamma); };
+  if (c.initializer == InitializerKind::kUniform) {
+    // u in [0, 1) on a 2^-24 grid, then scale * (2u - 1) in [-scale, scale).
+    for (int64_t j = 0; j < d; ++j) {
+      const float u = static_cast<float>(word(j) >> 40) * (1.0f / 16777216.0f);
+      out[j] = c.init_scale * (2.0f * u - 1.0f);
+    }
+    return;
+  }
+  // Truncated normal (|z| <= 2, like tf.random.truncated_normal): Box-Muller
+  // on counters (column, attempt), redrawing outside two standard
+  // deviations (4.6 % of draws). 64 failed attempts (p < 1e-85) give 0.
+  constexpr int kAttempts = 64;
+  constexpr double kTwoPi = 6.283185307179586476925286766559;
+  for (int64_t j = 0; j < d; ++j) {
+    float v = 0.0f;
+    for (int a = 0; a < kAttempts; ++a) {
+      const uint64_t ctr = (static_cast<uint64_t>(j) * kAttempts + a) * 2;
+      const double u1 = (static_cast<double>(word(ctr) >> 11) + 1.0) * 0x1.0p-53;
+      const double u2 = static_cast<double>(word(ctr + 1) >> 11) * 0x1.0p-53;
+      const double z = std::sqrt(-2.0 * std::log(u1)) * std::cos(kTwoPi * u2);
+      if (std::fabs(z) <= 2.0) {
+        v = static_cast<float>(z * c.init_scale);
+        break;
+      }
+    }
+    out[j] = v;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// SparseTable
+
+SparseTable::SparseTable(const TableConfig& config)
+    : config_(config), shard_bits_(config.shard_bits()) {
+  shards_.reserve(config_.num_shards);
+  for (int s = 0; s < config_.num_shards; ++s) {
+    shards_.push_back(std::make_unique<Shard>(config_.row_bytes()));
+  }
+}
+
+std::string SparseTable::DebugString() const {
+  return absl::StrCat("SparseTable(", config_.DebugString(), ")");
+}
+
+int64_t SparseTable::Size() const {
+  int64_t n = 0;
+  for (const auto& sh : shards_) {
+    absl::ReaderMutexLock l(&sh->mu);
+    n += static_cast<int64_t>(sh->arena.size());
+  }
+  return n;
+}
+
+int64_t SparseTable::MemoryUsed() const {
+  int64_t bytes = sizeof(*this);
+  for (const auto& sh : shards_) {
+    absl::ReaderMutexLock l(&sh->mu);
+    bytes += sizeof(Shard) + sh->arena.BytesAllocated() +
+             sh->index.BytesAllocated() + sh->candidates.BytesAllocated();
+  }
+  return bytes;
+}
+
+char* SparseTable::AppendRow(Shard& sh, uint64_t hash, int64_t key, Status* status) {
+  const uint64_t n = sh.arena.size();
+  if (n >= ShardIndex::kMaxRows) {
+    *status = errors::ResourceExhausted(
+        "SparseTable: a shard reached ", ShardIndex::kMaxRows,
+        " rows; create the table with more shards");
+    return nullptr;
+  }
+  if (!sh.index.HasRoomFor(n + 1) && !sh.index.Grow(sh.arena)) {
+    *status = errors::ResourceExhausted(
+        "SparseTable: out of memory growing the index of a shard with ", n, " rows");
+    return nullptr;
+  }
+  const int64_t r = sh.arena.Append();
+  if (r < 0) {
+    *status = errors::ResourceExhausted(
+        "SparseTable: out of memory adding a row to a shard with ", n, " rows");
+    return nullptr;
+  }
+  sh.index.Insert(hash, static_cast<uint32_t>(r));
+  char* row = sh.arena.Row(r);
+  std::memset(row, 0, config_.row_bytes());
+  std::memcpy(row, &key, sizeof(key));
+  return row;
+}
+
+char* SparseTable::InsertRow(Shard& sh, uint64_t hash, int64_t key, int64_t step,
+                             Status* status) {
+  char* row = AppendRow(sh, hash, key, status);
+  if (row == nullptr) return nullptr;
+  float* w = Values(row);
+  InitialValues(config_, key, w);
+  const int64_t d = config_.dim;
+  switch (config_.optimizer) {
+    case OptimizerKind::kAdagrad:
+    case OptimizerKind::kFtrl:  // accumulator; ftrl's linear slot stays 0
+      std::fill(w + d, w + 2 * d, config_.initial_accumulator_value);
+      break;
+    default:
+      break;  // sgd: no slots; adam: m = v = 0 and step 0
+  }
+  if (config_.track_usage) {
+    Counters(row)[config_.last_step_counter()] = StepCounter(step);
+  }
+  return row;
+}
+
+void SparseTable::ApplyUpdate(char* row, const float* grad, float lr) const {
+  float* w = Values(row);
+  float* slots = w + config_.dim;
+  uint32_t* counters = Counters(row);
+  switch (config_.optimizer) {
+    case OptimizerKind::kSgd: SgdUpdate()(config_, lr, grad, w, slots, counters); break;
+    case OptimizerKind::kAdagrad: AdagradUpdate()(config_, lr, grad, w, slots, counters); break;
+    case OptimizerKind::kAdam: AdamUpdate()(config_, lr, grad, w, slots, counters); break;
+    case OptimizerKind::kFtrl: FtrlUpdate()(config_, lr, grad, w, slots, counters); break;
+  }
+}
+
+AllShardsLock::AllShardsLock(SparseTable* table, bool exclusive)
+    : table_(table), exclusive_(exclusive) {
+  for (int s = 0; s < table_->num_shards(); ++s) {
+    if (exclusive_) table_->shard(s).mu.Lock();
+    else table_->shard(s).mu.ReaderLock();
+  }
+}
+
+AllShardsLock::~AllShardsLock() {
+  for (int s = table_->num_shards() - 1; s >= 0; --s) {
+    if (exclusive_) table_->shard(s).mu.Unlock();
+    else table_->shard(s).mu.ReaderUnlock();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Grouping by shard
+
+Status GroupKeysByShard(OpKernelContext* ctx, const SparseTable& table,
+                        const int64_t* keys, int64_t n, KeyGroups* g) {
+  const int S = table.num_shards();
+  const int bits = table.shard_bits();
+  g->begin.assign(S + 1, 0);
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_INT64,
+                                        tensorflow::TensorShape({2 * n}), &g->storage));
+  g->entries = reinterpret_cast<GroupedKey*>(g->storage.flat<int64_t>().data());
+  if (n == 0) return Status();
+  tensorflow::Tensor shard_of_t;
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_UINT16,
+                                        tensorflow::TensorShape({n}), &shard_of_t));
+  uint16_t* shard_of = shard_of_t.flat<uint16_t>().data();
+
+  // Blocks of at least 16k keys, at most one per thread: counts per
+  // (block, shard), then each block scatters into its own ranges, which
+  // keeps batch order inside every shard.
+  const int blocks = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>(CpuNumThreads(ctx), n / 16384)));
+  std::vector<int64_t> counts(static_cast<size_t>(blocks) * S, 0);
+  CpuForEachShard(ctx, n, blocks, [&](int b, int64_t begin, int64_t end) {
+    int64_t* c = counts.data() + static_cast<size_t>(b) * S;
+    for (int64_t i = begin; i < end; ++i) {
+      const int s = ShardOfHash(KeyHash(keys[i]), bits);
+      shard_of[i] = static_cast<uint16_t>(s);
+      ++c[s];
+    }
+  });
+  int64_t total = 0;
+  for (int s = 0; s < S; ++s) {
+    g->begin[s] = total;
+    for (int b = 0; b < blocks; ++b) {
+      int64_t& c = counts[static_cast<size_t>(b) * S + s];
+      const int64_t k = c;
+      c = total;  // becomes the block's write cursor for shard s
+      total += k;
+    }
+  }
+  g->begin[S] = total;
+  GroupedKey* out = g->entries;
+  CpuForEachShard(ctx, n, blocks, [&](int b, int64_t begin, int64_t end) {
+    int64_t* cursor = counts.data() + static_cast<size_t>(b) * S;
+    for (int64_t i = begin; i < end; ++i) {
+      GroupedKey& e = out[cursor[shard_of[i]]++];
+      e.key = keys[i];
+      e.pos = i;
+    }
+  });
+  return Status();
+}
+
+}  // namespace sparse_table
+
+// ---------------------------------------------------------------------------
+// Pull
+
+namespace functor {
+
+using CPUDevice = Eigen::ThreadPoolDevice;
+using Status = absl::Status;
+using tensorflow::OpKernelContext;
+namespace errors = ::hpc_ops::sparse_table::errors;
+using sparse_table::GroupedKey;
+using sparse_table::KeyGroups;
+using sparse_table::KeyHash;
+using sparse_table::Shard;
+using sparse_table::SparseTable;
+
+namespace {
+
+// How many keys ahead a shard loop prefetches index buckets.
+constexpr int64_t kPrefetchDistance = 8;
+
+Status PullShard(const SparseTable& t, Shard& sh, GroupedKey* e, int64_t k,
+                 bool insert_missing, int64_t step, float* out)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const int64_t dim = t.dim();
+  const size_t row_value_bytes = dim * sizeof(float);
+  const int64_t value_offset = t.config().header_bytes();
+  int64_t misses = 0;
+  {
+    absl::ReaderMutexLock l(&sh.mu);
+    for (int64_t i = 0; i < std::min(k, kPrefetchDistance); ++i) {
+      sh.index.Prefetch(KeyHash(e[i].key));
+    }
+    for (int64_t i = 0; i < k; ++i) {
+      if (i + kPrefetchDistance < k) {
+        sh.index.Prefetch(KeyHash(e[i + kPrefetchDistance].key));
+      }
+      const int64_t key = e[i].key;
+      const int64_t r = sh.index.Find(KeyHash(key), key, sh.arena);
+      if (r >= 0) {
+        std::memcpy(out + e[i].pos * dim, sh.arena.Row(r) + value_offset,
+                    row_value_bytes);
+      } else {
+        e[misses++] = e[i];  // compacts the misses in place, in batch order
+      }
+    }
+  }
+  if (misses == 0) return Status();
+  const sparse_table::TableConfig& c = t.config();
+  if (!insert_missing) {
+    for (int64_t i = 0; i < misses; ++i) {
+      sparse_table::InitialValues(c, e[i].key, out + e[i].pos * dim);
+    }
+    return Status();
+  }
+  const bool admission = c.admission_min_count > 1;
+  absl::MutexLock l(&sh.mu);
+  auto& table = const_cast<SparseTable&>(t);
+  for (int64_t i = 0; i < misses; ++i) {
+    const int64_t key = e[i].key;
+    const uint64_t h = KeyHash(key);
+    float* dst = out + e[i].pos * dim;
+    int64_t r = sh.index.Find(h, key, sh.arena);
+    if (r >= 0) {  // inserted meanwhile, or earlier in this batch
+      std::memcpy(dst, sh.arena.Row(r) + value_offset, row_value_bytes);
+      continue;
+    }
+    if (admission) {
+      if (sh.candidates.Increment(h, key) < static_cast<uint64_t>(c.admission_min_count)) {
+        sparse_table::InitialValues(c, key, dst);
+        continue;
+      }
+      sh.candidates.Erase(h, key);
+    }
+    Status s;
+    char* row = table.InsertRow(sh, h, key, step, &s);
+    if (row == nullptr) return s;
+    std::memcpy(dst, row + value_offset, row_value_bytes);
+  }
+  return Status();
+}
+
+// Runs fn(shard) for every shard with keys, in parallel, one task per shard;
+// returns the first error in shard order.
+template <typename Fn>
+Status ForEachShard(OpKernelContext* ctx, const KeyGroups& g, int num_shards,
+                    int64_t cost_per_key, Fn fn) {
+  std::vector<Status> status(num_shards);
+  const int64_t n = g.begin[num_shards];
+  const int64_t cost_per_shard = std::max<int64_t>(1, n / num_shards) * cost_per_key;
+  CpuParallelFor(ctx, num_shards, cost_per_shard, [&](int64_t b, int64_t e) {
+    for (int64_t s = b; s < e; ++s) {
+      if (g.begin[s + 1] > g.begin[s]) status[s] = fn(static_cast<int>(s));
+    }
+  });
+  for (const Status& s : status) TF_RETURN_IF_ERROR(s);
+  return Status();
+}
+
+}  // namespace
+
+template <>
+Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable* table,
+                                              const int64_t* keys, int64_t n,
+                                              bool insert_missing, float* values) {
+  if (n == 0) return Status();
+  KeyGroups g;
+  TF_RETURN_IF_ERROR(GroupKeysByShard(ctx, *table, keys, n, &g));
+  const int64_t step = table->step();
+  return ForEachShard(ctx, g, table->num_shards(), 200 + 2 * table->dim(), [&](int s) {
+    return PullShard(*table, table->shard(s), g.entries + g.begin[s],
+                     g.begin[s + 1] - g.begin[s], insert_missing, step, values);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Push
+
+namespace {
+
+// Per distinct row of one shard in one push.
+struct UniqueRow {
+  uint32_t row;
+  uint32_t count;     // occurrences in the batch (saturating)
+  int64_t first_pos;  // batch position of the first occurrence
+  int64_t acc;        // index of its gradient sum in the accumulators, or -1
+};
+
+// Scratch of one push, carved per shard from the grouping offsets: entry
+// ranges [begin[s], begin[s+1]) index `uniques` and `acc` (acc in rows of
+// dim), dedup tables take their own power-of-two ranges.
+struct PushScratch {
+  UniqueRow* uniques;
+  float* acc;
+  uint64_t* dedup;
+  std::vector<int64_t> dedup_begin;  // per shard; size num_shards + 1
+};
+
+int64_t DedupSize(int64_t k) {
+  int64_t p = 16;
+  while (p < 2 * k) p <<= 1;
+  return p;
+}
+
+template <typename Update>
+Status PushShard(SparseTable& t, Shard& sh, GroupedKey* e, int64_t k,
+                 const float* grads, float lr, int64_t step, UniqueRow* uniques,
+                 float* acc, uint64_t* dedup, int64_t dedup_size)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const sparse_table::TableConfig& c = t.config();
+  const int64_t dim = c.dim;
+  const bool admission = c.admission_min_count > 1;
+  std::memset(dedup, 0, dedup_size * sizeof(uint64_t));
+  const uint64_t mask = static_cast<uint64_t>(dedup_size) - 1;
+  absl::MutexLock l(&sh.mu);
+
+  // 1. Find (or create) each key's row and number the distinct rows in order
+  // of first occurrence. e[i].key is reused to hold the entry's unique id
+  // (-1: the key has not been admitted, its gradient is dropped).
+  int64_t num_unique = 0;
+  for (int64_t i = 0; i < std::min(k, kPrefetchDistance); ++i) {
+    sh.index.Prefetch(KeyHash(e[i].key));
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    if (i + kPrefetchDistance < k) sh.index.Prefetch(KeyHash(e[i + kPrefetchDistance].key));
+    const int64_t key = e[i].key;
+    const uint64_t h = KeyHash(key);
+    int64_t r = sh.index.Find(h, key, sh.arena);
+    if (r < 0) {
+      if (admission) {
+        e[i].key = -1;
+        continue;
+      }
+      Status s;
+      if (t.InsertRow(sh, h, key, step, &s) == nullptr) return s;
+      r = static_cast<int64_t>(sh.arena.size()) - 1;
+    }
+    // Dedup table slot: (row + 1) << 32 | unique id; 0 = empty.
+    uint64_t slot = (sparse_table::SplitMix64(static_cast<uint64_t>(r))) & mask;
+    int64_t u;
+    while (true) {
+      const uint64_t v = dedup[slot];
+      if (v == 0) {
+        u = num_unique++;
+        dedup[slot] = (static_cast<uint64_t>(r) + 1) << 32 | static_cast<uint64_t>(u);
+        uniques[u] = UniqueRow{static_cast<uint32_t>(r), 1, e[i].pos, -1};
+        break;
+      }
+      if ((v >> 32) == static_cast<uint64_t>(r) + 1) {
+        u = static_cast<int64_t>(v & 0xFFFFFFFFu);
+        if (uniques[u].count < UINT32_MAX) ++uniques[u].count;
+        break;
+      }
+      slot = (slot + 1) & mask;
+    }
+    e[i].key = u;
+  }
+
+  // 2. Sum the gradients of repeated rows, in batch order (deterministic).
+  int64_t num_acc = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t u = e[i].key;
+    if (u < 0 || uniques[u].count == 1) continue;
+    const float* g = grads + e[i].pos * dim;
+    UniqueRow& ur = uniques[u];
+    if (ur.acc < 0) {
+      ur.acc = num_acc++;
+      std::memcpy(acc + ur.acc * dim, g, dim * sizeof(float));
+    } else {
+      float* a = acc + ur.acc * dim;
+      for (int64_t j = 0; j < dim; ++j) a[j] += g[j];
+    }
+  }
+
+  // 3. One optimizer step per distinct row.
+  const int64_t value_offset = c.header_bytes();
+  const uint32_t step_counter = SparseTable::StepCounter(step);
+  Update update;
+  for (int64_t u = 0; u < num_unique; ++u) {
+    const UniqueRow& ur = uniques[u];
+    const float* g = ur.acc < 0 ? grads + ur.first_pos * dim : acc + ur.acc * dim;
+    char* row = sh.arena.Row(ur.row);
+    float* w = reinterpret_cast<float*>(row + value_offset);
+    uint32_t* counters = t.Counters(row);
+    update(c, lr, g, w, w + dim, counters);
+    if (c.track_usage) {
+      uint32_t& freq = counters[c.frequency_counter()];
+      freq = ur.count > UINT32_MAX - freq ? UINT32_MAX : freq + ur.count;
+      counters[c.last_step_counter()] = step_counter;
+    }
+  }
+  return Status();
+}
+
+template <typename Update>
+Status PushAll(OpKernelContext* ctx, SparseTable* table, const KeyGroups& g,
+               const float* grads, float lr, int64_t step, PushScratch& sc) {
+  const int64_t dim = table->dim();
+  return ForEachShard(ctx, g, table->num_shards(), 400 + 8 * dim, [&](int s) {
+    const int64_t b = g.begin[s];
+    return PushShard<Update>(*table, table->shard(s), g.entries + b,
+                             g.begin[s + 1] - b, grads, lr, step, sc.uniques + b,
+                             sc.acc + b * dim, sc.dedup + sc.dedup_begin[s],
+                             sc.dedup_begin[s + 1] - sc.dedup_begin[s]);
+  });
+}
+
+}  // namespace
+
+template <>
+Status SparseTablePush<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable* table,
+                                              const int64_t* keys, int64_t n,
+                                              const float* grads, float lr) {
+  const int64_t step = table->Tick();
+  if (n == 0) return Status();
+  KeyGroups g;
+  TF_RETURN_IF_ERROR(GroupKeysByShard(ctx, *table, keys, n, &g));
+  const int S = table->num_shards();
+  const int64_t dim = table->dim();
+
+  PushScratch sc;
+  sc.dedup_begin.assign(S + 1, 0);
+  for (int s = 0; s < S; ++s) {
+    const int64_t k = g.begin[s + 1] - g.begin[s];
+    sc.dedup_begin[s + 1] = sc.dedup_begin[s] + (k == 0 ? 0 : DedupSize(k));
+  }
+  static_assert(sizeof(UniqueRow) % sizeof(int64_t) == 0, "UniqueRow packing");
+  tensorflow::Tensor uniques_t, acc_t, dedup_t;
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(
+      tensorflow::DT_INT64,
+      tensorflow::TensorShape({n * static_cast<int64_t>(sizeof(UniqueRow) / sizeof(int64_t))}),
+      &uniques_t));
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT,
+                                        tensorflow::TensorShape({n * dim}), &acc_t));
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(
+      tensorflow::DT_INT64, tensorflow::TensorShape({sc.dedup_begin[S]}), &dedup_t));
+  sc.uniques = reinterpret_cast<UniqueRow*>(uniques_t.flat<int64_t>().data());
+  sc.acc = acc_t.flat<float>().data();
+  sc.dedup = reinterpret_cast<uint64_t*>(dedup_t.flat<int64_t>().data());
+
+  using sparse_table::OptimizerKind;
+  switch (table->config().optimizer) {
+    case OptimizerKind::kSgd:
+      return PushAll<sparse_table::SgdUpdate>(ctx, table, g, grads, lr, step, sc);
+    case OptimizerKind::kAdagrad:
+      return PushAll<sparse_table::AdagradUpdate>(ctx, table, g, grads, lr, step, sc);
+    case OptimizerKind::kAdam:
+      return PushAll<sparse_table::AdamUpdate>(ctx, table, g, grads, lr, step, sc);
+    case OptimizerKind::kFtrl:
+      return PushAll<sparse_table::FtrlUpdate>(ctx, table, g, grads, lr, step, sc);
+  }
+  return errors::Internal("SparseTablePush: unknown optimizer");
+}
+
+}  // namespace functor
+}  // namespace hpc_ops

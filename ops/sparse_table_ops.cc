@@ -1,0 +1,265 @@
+// Op registrations for the sparse_table family: an embedding table keyed by
+// arbitrary int64 ids that grows as new ids arrive, with its optimizer on the
+// table side. Kernels: ../kernels/sparse_table_op.cc (OpKernels) and
+// ../kernels/sparse_table_op_cpu.cc (the table and the pull/push algorithms).
+#include "tensorflow/core/framework/common_shape_fns.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace tensorflow {
+
+using shape_inference::DimensionHandle;
+using shape_inference::InferenceContext;
+using shape_inference::ShapeHandle;
+
+namespace {
+
+// Every sparse_table op takes the table handle as a scalar input 0.
+absl::Status ValidateTableHandle(InferenceContext* c) {
+  ShapeHandle unused;
+  return c->WithRank(c->input(0), 0, &unused);
+}
+
+}  // namespace
+
+REGISTER_OP("SparseTableHandle")
+    .Output("table_handle: resource")
+    .Attr("dim: int >= 1")
+    .Attr("initializer: {'zeros', 'uniform', 'truncated_normal'} = 'uniform'")
+    .Attr("init_scale: float = 0.05")
+    .Attr("seed: int = 0")
+    .Attr("optimizer: {'sgd', 'adagrad', 'adam', 'ftrl'} = 'adagrad'")
+    .Attr("initial_accumulator_value: float = 0.1")
+    .Attr("epsilon: float = 1e-7")
+    .Attr("beta1: float = 0.9")
+    .Attr("beta2: float = 0.999")
+    .Attr("learning_rate_power: float = -0.5")
+    .Attr("l1: float = 0.0")
+    .Attr("l2: float = 0.0")
+    .Attr("num_shards: int = 64")
+    .Attr("admission_min_count: int = 0")
+    .Attr("track_usage: bool = false")
+    .Attr("container: string = ''")
+    .Attr("shared_name: string = ''")
+    .SetIsStateful()
+    .SetShapeFn(shape_inference::ScalarShape)
+    .Doc(R"doc(
+Creates a sparse embedding table, or returns the existing one with this
+container/shared_name (its configuration must then be the same).
+
+An empty shared_name makes a table private to this kernel (deleted with it).
+Rows are float32 vectors of `dim` elements keyed by int64 ids.
+
+dim: Row width, in [1, 65536].
+initializer: Initial row values, a pure function of (seed, key): 'zeros',
+  'uniform' in [-init_scale, init_scale), or 'truncated_normal' with stddev
+  init_scale truncated at two standard deviations.
+init_scale: Scale of the initializer (>= 0).
+seed: Seed of the initializer.
+optimizer: The table-side optimizer applied by SparseTablePush:
+  'sgd': w -= lr * g.
+  'adagrad': acc += g^2; w -= lr * g / (sqrt(acc) + epsilon).
+  'adam': per-row step t; m, v as in TF's ApplyAdam with
+    lr_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t).
+  'ftrl': TF's ApplyFtrl (FTRL-proximal with l1, l2, learning_rate_power).
+initial_accumulator_value: Initial accumulator of adagrad and ftrl (>= 0).
+epsilon: adagrad (>= 0) and adam (> 0) epsilon.
+beta1: adam, in [0, 1).
+beta2: adam, in [0, 1).
+learning_rate_power: ftrl, <= 0.
+l1: ftrl L1 regularization strength, >= 0.
+l2: ftrl L2 regularization strength, >= 0.
+num_shards: Number of independently locked shards, a power of two in
+  [1, 4096].
+admission_min_count: If > 1, a key gets a trainable row only after it has
+  been pulled (with insert_missing) this many times; until then it reads its
+  initial value and its gradients are dropped.
+track_usage: Keep per-row push frequency and last push step (needed by
+  SparseTableEvict).
+table_handle: The table.
+)doc");
+
+REGISTER_OP("SparseTablePull")
+    .Input("table_handle: resource")
+    .Input("keys: int64")
+    .Output("values: float")
+    .Attr("dim: int >= 1")
+    .Attr("insert_missing: bool = true")
+    .SetIsStateful()
+    .SetShapeFn([](InferenceContext* c) {
+      TF_RETURN_IF_ERROR(ValidateTableHandle(c));
+      int64_t dim;
+      TF_RETURN_IF_ERROR(c->GetAttr("dim", &dim));
+      ShapeHandle out;
+      TF_RETURN_IF_ERROR(c->Concatenate(c->input(1), c->Vector(dim), &out));
+      c->set_output(0, out);
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Reads the rows of `keys` (any shape) from the table.
+
+Keys without a row get one, set to their initial value, when insert_missing
+is true (subject to the table's admission rule); with insert_missing false
+(serving) the table is never changed and such keys read their initial value.
+
+dim: Must equal the table's dim (gives the output its static shape).
+values: keys.shape + [dim].
+)doc");
+
+REGISTER_OP("SparseTablePush")
+    .Input("table_handle: resource")
+    .Input("keys: int64")
+    .Input("grads: float")
+    .Input("learning_rate: float")
+    .SetIsStateful()
+    .SetShapeFn([](InferenceContext* c) {
+      TF_RETURN_IF_ERROR(ValidateTableHandle(c));
+      ShapeHandle expected, unused;
+      TF_RETURN_IF_ERROR(
+          c->Concatenate(c->input(1), c->Vector(InferenceContext::kUnknownDim), &expected));
+      TF_RETURN_IF_ERROR(c->Merge(c->input(2), expected, &unused));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 0, &unused));
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Applies one step of the table's optimizer with the gradients of `keys`.
+
+Gradients of equal keys are summed first (in batch order), then every
+distinct key's row and slots are updated once. Keys without a row get one
+first (unless admission has not let them in: their gradients are dropped).
+Advances the table's step by one.
+
+keys: Any shape.
+grads: keys.shape + [dim].
+learning_rate: A scalar (> 0 for ftrl).
+)doc");
+
+REGISTER_OP("SparseTableSize")
+    .Input("table_handle: resource")
+    .Output("size: int64")
+    .SetIsStateful()
+    .SetShapeFn([](InferenceContext* c) {
+      TF_RETURN_IF_ERROR(ValidateTableHandle(c));
+      c->set_output(0, c->Scalar());
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+The number of rows in the table.
+)doc");
+
+REGISTER_OP("SparseTableExport")
+    .Input("table_handle: resource")
+    .Output("keys: int64")
+    .Output("values: float")
+    .Output("slots: float")
+    .Output("counters: int64")
+    .Output("step: int64")
+    .SetIsStateful()
+    .SetShapeFn([](InferenceContext* c) {
+      TF_RETURN_IF_ERROR(ValidateTableHandle(c));
+      DimensionHandle n = c->UnknownDim();
+      DimensionHandle d = c->UnknownDim();
+      c->set_output(0, c->Vector(n));
+      c->set_output(1, c->Matrix(n, d));
+      c->set_output(2, c->MakeShape({n, c->UnknownDim(), d}));
+      c->set_output(3, c->Matrix(n, c->UnknownDim()));
+      c->set_output(4, c->Scalar());
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+A consistent snapshot of the whole table (taken under every shard's lock).
+
+keys: [n], the keys.
+values: [n, dim], their rows.
+slots: [n, num_slots, dim], their optimizer slots: none for sgd,
+  [accumulator] for adagrad, [m, v] for adam, [accumulator, linear] for ftrl.
+counters: [n, num_counters]: adam's per-row step, then (track_usage) the
+  push frequency and last push step.
+step: The table's step (number of pushes).
+)doc");
+
+REGISTER_OP("SparseTableImport")
+    .Input("table_handle: resource")
+    .Input("keys: int64")
+    .Input("values: float")
+    .Input("slots: float")
+    .Input("counters: int64")
+    .Input("step: int64")
+    .SetIsStateful()
+    .SetShapeFn([](InferenceContext* c) {
+      TF_RETURN_IF_ERROR(ValidateTableHandle(c));
+      ShapeHandle keys, values, slots, counters, unused;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 1, &keys));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &values));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 3, &slots));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(4), 2, &counters));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(5), 0, &unused));
+      DimensionHandle n = c->Dim(keys, 0);
+      TF_RETURN_IF_ERROR(c->Merge(n, c->Dim(values, 0), &n));
+      TF_RETURN_IF_ERROR(c->Merge(n, c->Dim(slots, 0), &n));
+      TF_RETURN_IF_ERROR(c->Merge(n, c->Dim(counters, 0), &n));
+      DimensionHandle d = c->Dim(values, 1);
+      TF_RETURN_IF_ERROR(c->Merge(d, c->Dim(slots, 2), &d));
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Replaces the table's contents with the output of SparseTableExport.
+
+All-or-nothing: everything is validated and the new contents built before
+the table is swapped under every shard's lock. Admission counts are cleared.
+
+keys: [n], distinct keys.
+values: [n, dim] with the table's dim.
+slots: [n, num_slots, dim] for the table's optimizer.
+counters: [n, num_counters], each in [0, 2^32 - 1].
+step: The table's new step, >= 0.
+)doc");
+
+REGISTER_OP("SparseTableEvict")
+    .Input("table_handle: resource")
+    .Input("min_frequency: int64")
+    .Input("max_idle_steps: int64")
+    .Output("num_evicted: int64")
+    .SetIsStateful()
+    .SetShapeFn([](InferenceContext* c) {
+      TF_RETURN_IF_ERROR(ValidateTableHandle(c));
+      ShapeHandle unused;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 0, &unused));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 0, &unused));
+      c->set_output(0, c->Scalar());
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Removes rows pushed fewer than min_frequency times in total (if
+min_frequency > 0) or not pushed during the last max_idle_steps steps (if
+max_idle_steps >= 0). Needs a table created with track_usage.
+
+num_evicted: The number of rows removed.
+)doc");
+
+REGISTER_OP("SparseTableUniqueGrads")
+    .Input("keys: int64")
+    .Input("grads: float")
+    .Output("unique_keys: int64")
+    .Output("summed_grads: float")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle expected, grads;
+      TF_RETURN_IF_ERROR(
+          c->Concatenate(c->input(0), c->Vector(InferenceContext::kUnknownDim), &expected));
+      TF_RETURN_IF_ERROR(c->Merge(c->input(1), expected, &grads));
+      DimensionHandle u = c->UnknownDim();
+      c->set_output(0, c->Vector(u));
+      c->set_output(1, c->Matrix(u, c->Dim(grads, -1)));
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+The distinct keys of a batch and the sums of their gradients: what a push
+applies, before it is applied (e.g. to exchange pushes between workers).
+
+keys: Any shape.
+grads: keys.shape + [dim].
+unique_keys: [u], in order of first occurrence.
+summed_grads: [u, dim]; each the sum, in batch order, of the grads of one key.
+)doc");
+
+}  // namespace tensorflow

@@ -1,0 +1,446 @@
+"""The sparse_table op family: an embedding table keyed by int64 ids.
+
+`SparseTable` is a TensorFlow resource (C++: kernels/sparse_table_op*.{h,cc})
+holding one float32 row of `dim` elements per id, created on first pull, and
+the row's optimizer slots; `push` applies the table's own optimizer (sgd,
+adagrad, adam or ftrl) to the rows of a batch. It is a trackable:
+`tf.train.Checkpoint` saves and restores keys, values, slots and counters
+bit-exactly from one consistent snapshot, and `tf.saved_model.save` exports
+functions that pull from it.
+
+`embedding_lookup(table, keys, trigger)` is the differentiable pull: its
+gradient pushes into the table (see `SparseEmbedding` in this module, the
+Keras layer built on it).
+"""
+import collections
+import itertools
+import os
+import re
+
+import keras
+import tensorflow as tf
+
+from hpc_ops import gen_sparse_table_ops
+
+OPTIMIZERS = ("sgd", "adagrad", "adam", "ftrl")
+INITIALIZERS = ("zeros", "uniform", "truncated_normal")
+
+# Hyper-parameters each optimizer accepts in `optimizer_options`, with the
+# defaults of the SparseTableHandle op.
+OPTIMIZER_OPTIONS = {
+    "sgd": {},
+    "adagrad": {"initial_accumulator_value": 0.1, "epsilon": 1e-7},
+    "adam": {"beta1": 0.9, "beta2": 0.999, "epsilon": 1e-7},
+    "ftrl": {"initial_accumulator_value": 0.1, "learning_rate_power": -0.5,
+             "l1": 0.0, "l2": 0.0},
+}
+
+# Slot vectors per row, in SparseTableExport's order.
+SLOT_NAMES = {
+    "sgd": (),
+    "adagrad": ("accumulator",),
+    "adam": ("m", "v"),
+    "ftrl": ("accumulator", "linear"),
+}
+
+TableSnapshot = collections.namedtuple(
+    "TableSnapshot", ["keys", "values", "slots", "counters", "step"])
+
+_table_ids = itertools.count()
+
+
+class SparseTable(tf.saved_model.experimental.TrackableResource):
+  """A growing embedding table: int64 key -> float32[dim] row + slots.
+
+  Args:
+    dim: row width (1 to 65536).
+    initializer: "zeros", "uniform" (in [-init_scale, init_scale)) or
+      "truncated_normal" (stddev init_scale, cut at 2 stddev). A row's
+      initial value depends only on (seed, key).
+    init_scale: scale of the initializer.
+    seed: initializer seed.
+    optimizer: the table's optimizer: "sgd", "adagrad", "adam" or "ftrl".
+    learning_rate: default learning rate of `push` and of the gradient of
+      `embedding_lookup`: a float, a scalar `tf.Variable` or a callable
+      returning a scalar.
+    optimizer_options: dict of hyper-parameters (see OPTIMIZER_OPTIONS).
+    num_shards: independently locked shards, a power of two (<= 4096).
+    admission_min_count: if > 1, a key gets a trainable row only after it
+      was pulled for training that many times (before: initial value, its
+      gradients are dropped).
+    track_usage: keep per-row push frequency and last push step, for
+      `evict`.
+    push_transform: optional callable `(keys, grads) -> (keys, grads)`
+      applied to the distinct keys and summed gradients of every push made by
+      the gradient of `embedding_lookup`, before the push (e.g. to gather the
+      pushes of all data-parallel workers).
+    shared_name: share the table with every other SparseTable (or
+      SparseTableHandle op) of this name in the process. By default each
+      SparseTable is private and freed when the object is deleted.
+    name: name of the handle op (and prefix of the default shared name).
+  """
+
+  def __init__(self, dim, initializer="uniform", init_scale=0.05, seed=0,
+               optimizer="adagrad", learning_rate=0.01,
+               optimizer_options=None, num_shards=64, admission_min_count=0,
+               track_usage=False, push_transform=None, shared_name=None,
+               name="sparse_table"):
+    super().__init__()
+    if optimizer not in OPTIMIZERS:
+      raise ValueError("SparseTable: optimizer must be one of %s, got %r"
+                       % (OPTIMIZERS, optimizer))
+    if initializer not in INITIALIZERS:
+      raise ValueError("SparseTable: initializer must be one of %s, got %r"
+                       % (INITIALIZERS, initializer))
+    options = dict(OPTIMIZER_OPTIONS[optimizer])
+    unknown = set(optimizer_options or {}) - set(options)
+    if unknown:
+      raise ValueError("SparseTable: optimizer %r does not take %s (it takes %s)"
+                       % (optimizer, sorted(unknown), sorted(options)))
+    options.update(optimizer_options or {})
+    if push_transform is not None and not callable(push_transform):
+      raise TypeError("SparseTable: push_transform must be callable")
+    self._dim = int(dim)
+    self._initializer = initializer
+    self._init_scale = float(init_scale)
+    self._seed = int(seed)
+    self._optimizer = optimizer
+    self._optimizer_options = {k: float(v) for k, v in options.items()}
+    self._learning_rate = learning_rate
+    self._num_shards = int(num_shards)
+    self._admission_min_count = int(admission_min_count)
+    self._track_usage = bool(track_usage)
+    self.push_transform = push_transform
+    self._name = name
+    self._own_resource = shared_name is None
+    if shared_name is None:
+      # Eager kernels are cached by attrs, so a private table needs a name
+      # of its own; inside a graph (SavedModel export) an empty name makes
+      # the table private to the loaded kernel.
+      shared_name = "%s_%d_%d" % (re.sub(r"[^A-Za-z0-9_.\-]", "_", name),
+                                  os.getpid(), next(_table_ids))
+      self._eager_shared_name = shared_name
+      self._graph_shared_name = ""
+    else:
+      self._eager_shared_name = self._graph_shared_name = shared_name
+    with tf.init_scope():
+      self._resource_handle = self._create_resource()
+
+  # ---- TrackableResource ----
+
+  def _create_resource(self):
+    shared_name = (self._eager_shared_name if tf.executing_eagerly()
+                   else self._graph_shared_name)
+    extra = {k: self._optimizer_options[k]
+             for k in OPTIMIZER_OPTIONS[self._optimizer]}
+    return gen_sparse_table_ops.sparse_table_handle(
+        dim=self._dim, initializer=self._initializer,
+        init_scale=self._init_scale, seed=self._seed,
+        optimizer=self._optimizer, num_shards=self._num_shards,
+        admission_min_count=self._admission_min_count,
+        track_usage=self._track_usage, shared_name=shared_name,
+        name=self._name, **extra)
+
+  def _destroy_resource(self):
+    if self._own_resource and self._resource_handle is not None:
+      tf.raw_ops.DestroyResourceOp(resource=self._resource_handle,
+                                   ignore_lookup_error=True)
+
+  def _serialize_to_tensors(self):
+    snap = self.export()
+    return {"keys": snap.keys, "values": snap.values, "slots": snap.slots,
+            "counters": snap.counters, "step": snap.step}
+
+  def _restore_from_tensors(self, restored_tensors):
+    return gen_sparse_table_ops.sparse_table_import(
+        self.resource_handle, restored_tensors["keys"],
+        restored_tensors["values"], restored_tensors["slots"],
+        restored_tensors["counters"], restored_tensors["step"])
+
+  # ---- properties ----
+
+  @property
+  def dim(self):
+    return self._dim
+
+  @property
+  def optimizer(self):
+    return self._optimizer
+
+  @property
+  def optimizer_options(self):
+    return dict(self._optimizer_options)
+
+  @property
+  def slot_names(self):
+    return SLOT_NAMES[self._optimizer]
+
+  @property
+  def learning_rate(self):
+    """The default learning rate as a float32 scalar tensor."""
+    lr = self._learning_rate
+    if callable(lr) and not isinstance(lr, tf.Variable):
+      lr = lr()
+    return tf.cast(tf.convert_to_tensor(lr), tf.float32)
+
+  @property
+  def name(self):
+    return self._name
+
+  # ---- ops ----
+
+  def pull(self, keys, insert_missing=True, name=None):
+    """Rows of `keys` (int64, any shape): a float32 tensor keys.shape+[dim].
+
+    Keys without a row get one (their initial value) unless insert_missing
+    is False (serving: the table is not changed and such keys read their
+    initial value). Not differentiable: see `embedding_lookup`.
+    """
+    keys = _as_int64(keys, "keys")
+    return gen_sparse_table_ops.sparse_table_pull(
+        self.resource_handle, keys, dim=self._dim,
+        insert_missing=insert_missing, name=name)
+
+  def push(self, keys, grads, learning_rate=None, name=None):
+    """One optimizer step: grads (keys.shape + [dim]) of equal keys are
+    summed, then every distinct key's row and slots are updated once."""
+    keys = _as_int64(keys, "keys")
+    grads = tf.convert_to_tensor(grads, tf.float32)
+    lr = self.learning_rate if learning_rate is None else tf.cast(
+        learning_rate, tf.float32)
+    return gen_sparse_table_ops.sparse_table_push(
+        self.resource_handle, keys, grads, lr, name=name)
+
+  def size(self, name=None):
+    """The number of rows (int64 scalar)."""
+    return gen_sparse_table_ops.sparse_table_size(self.resource_handle,
+                                                  name=name)
+
+  def export(self, name=None):
+    """A consistent snapshot: TableSnapshot(keys [n], values [n, dim],
+    slots [n, num_slots, dim], counters [n, num_counters] int64, step)."""
+    return TableSnapshot(*gen_sparse_table_ops.sparse_table_export(
+        self.resource_handle, name=name))
+
+  def import_(self, keys, values, slots=None, counters=None, step=0,
+              name=None):
+    """Replaces the contents (all-or-nothing). `slots` defaults to the
+    optimizer's initial slots, `counters` to zeros."""
+    keys = _as_int64(keys, "keys")
+    values = tf.convert_to_tensor(values, tf.float32)
+    n = tf.shape(keys)[0]
+    if slots is None:
+      inits = [self._optimizer_options.get("initial_accumulator_value", 0.0)
+               if s == "accumulator" else 0.0 for s in self.slot_names]
+      slots = tf.broadcast_to(tf.reshape(tf.constant(inits, tf.float32),
+                                         [1, len(inits), 1]),
+                              tf.stack([n, len(inits), self._dim]))
+    if counters is None:
+      counters = tf.zeros(tf.stack([n, self.num_counters]), tf.int64)
+    return gen_sparse_table_ops.sparse_table_import(
+        self.resource_handle, keys, values,
+        tf.convert_to_tensor(slots, tf.float32),
+        tf.convert_to_tensor(counters, tf.int64),
+        tf.convert_to_tensor(step, tf.int64), name=name)
+
+  def evict(self, min_frequency=0, max_idle_steps=-1, name=None):
+    """Removes rows pushed fewer than min_frequency times (if > 0) or not
+    pushed in the last max_idle_steps steps (if >= 0); needs
+    track_usage=True. Returns the number of rows removed."""
+    return gen_sparse_table_ops.sparse_table_evict(
+        self.resource_handle, tf.convert_to_tensor(min_frequency, tf.int64),
+        tf.convert_to_tensor(max_idle_steps, tf.int64), name=name)
+
+  @property
+  def num_counters(self):
+    return (1 if self._optimizer == "adam" else 0) + (
+        2 if self._track_usage else 0)
+
+  def get_config(self):
+    """The constructor arguments (except push_transform and shared_name);
+    a learning_rate that is not a number is left out."""
+    config = {
+        "dim": self._dim, "initializer": self._initializer,
+        "init_scale": self._init_scale, "seed": self._seed,
+        "optimizer": self._optimizer,
+        "optimizer_options": dict(self._optimizer_options),
+        "num_shards": self._num_shards,
+        "admission_min_count": self._admission_min_count,
+        "track_usage": self._track_usage, "name": self._name,
+    }
+    if isinstance(self._learning_rate, (int, float)):
+      config["learning_rate"] = float(self._learning_rate)
+    return config
+
+
+def _as_int64(keys, what):
+  keys = tf.convert_to_tensor(keys)
+  if keys.dtype not in (tf.int64, tf.int32):
+    raise TypeError("SparseTable: %s must be int64 (or int32), got %s"
+                    % (what, keys.dtype.name))
+  return tf.cast(keys, tf.int64)
+
+
+def unique_grads(keys, grads, name=None):
+  """Distinct keys (first-occurrence order) and their summed gradients.
+
+  keys: int64 of any shape; grads: keys.shape + [dim]. Returns
+  (unique_keys [u], summed_grads [u, dim]); sums run in batch order.
+  """
+  return gen_sparse_table_ops.sparse_table_unique_grads(
+      _as_int64(keys, "keys"), tf.convert_to_tensor(grads, tf.float32),
+      name=name)
+
+
+def embedding_lookup(table, keys, trigger, insert_missing=True,
+                     learning_rate=None):
+  """Differentiable pull whose gradient trains the table.
+
+  Returns table.pull(keys) (keys.shape + [dim]). `trigger` must be a
+  trainable scalar variable that the caller differentiates (a tape only runs
+  gradient functions on paths that reach a watched variable): when the
+  gradient with respect to `trigger` is computed, the gradient of the loss
+  with respect to the pulled rows is pushed into the table (through
+  table.push_transform when set) and `trigger` gets a zero gradient. Each
+  gradient computation pushes once.
+  """
+  keys = _as_int64(keys, "keys")
+  dim = table.dim
+
+  @tf.custom_gradient
+  def _lookup(trigger_value):
+    values = table.pull(keys, insert_missing=insert_missing)
+
+    def grad(dy):
+      if isinstance(dy, tf.IndexedSlices):
+        push_keys = tf.gather(keys, dy.indices)
+        push_grads = dy.values
+      else:
+        push_keys, push_grads = keys, dy
+      push_keys = tf.reshape(push_keys, [-1])
+      push_grads = tf.reshape(tf.cast(push_grads, tf.float32), [-1, dim])
+      if table.push_transform is not None:
+        push_keys, push_grads = unique_grads(push_keys, push_grads)
+        push_keys, push_grads = table.push_transform(push_keys, push_grads)
+      push = table.push(push_keys, push_grads, learning_rate)
+      with tf.control_dependencies([push] if push is not None else []):
+        return tf.zeros_like(trigger_value)
+
+    return values, grad
+
+  return _lookup(tf.convert_to_tensor(trigger))
+
+
+@keras.saving.register_keras_serializable(package="hpc_ops")
+class SparseEmbedding(keras.layers.Layer):
+  """Embedding layer for int64 ids backed by a `SparseTable`.
+
+  Inputs: int64 (or int32) ids as a dense tensor, a tf.RaggedTensor or a
+  rank-2 tf.SparseTensor. combiner=None returns one row per id (dense:
+  ids.shape + [dim]; ragged and sparse: a RaggedTensor [batch, None, dim]);
+  "sum" or "mean" combine the ids of the last axis (of each row for ragged
+  and sparse inputs; an empty row gives zeros): [batch, dim].
+
+  Training: the layer owns a zero scalar trainable weight, the push
+  trigger; the ids' rows are pulled through `embedding_lookup`, so when a
+  Keras optimizer (or any tape) takes the gradient of the trigger the
+  gradient of the rows is pushed into the table with the table's own
+  optimizer and learning rate. Pulls insert new ids when training is true;
+  otherwise (inference) unknown ids read their initial value.
+
+  The table is tracked as `layer.table`: tf.train.Checkpoint and
+  tf.saved_model save it (the .keras format saves only Keras variables).
+
+  Args: dim, combiner, table (an existing SparseTable to use), and the
+  SparseTable arguments (initializer, init_scale, seed, optimizer,
+  learning_rate, optimizer_options, num_shards, admission_min_count,
+  track_usage, push_transform).
+  """
+
+  def __init__(self, dim, combiner=None, initializer="uniform",
+               init_scale=0.05, seed=0, optimizer="adagrad",
+               learning_rate=0.01, optimizer_options=None, num_shards=64,
+               admission_min_count=0, track_usage=False,
+               push_transform=None, table=None, **kwargs):
+    super().__init__(**kwargs)
+    if combiner not in (None, "sum", "mean"):
+      raise ValueError("SparseEmbedding: combiner must be None, 'sum' or "
+                       "'mean', got %r" % (combiner,))
+    if table is not None and table.dim != dim:
+      raise ValueError("SparseEmbedding: dim=%d but the table has dim %d"
+                       % (dim, table.dim))
+    self.dim = int(dim)
+    self.combiner = combiner
+    self.supports_jit = False  # custom ops: no XLA
+    self._table_kwargs = dict(
+        initializer=initializer, init_scale=init_scale, seed=seed,
+        optimizer=optimizer, learning_rate=learning_rate,
+        optimizer_options=optimizer_options, num_shards=num_shards,
+        admission_min_count=admission_min_count, track_usage=track_usage,
+        push_transform=push_transform)
+    with tf.init_scope():
+      self.table = table if table is not None else SparseTable(
+          self.dim, name=(self.name + "_table"), **self._table_kwargs)
+
+  def build(self, input_shape=None):
+    self.push_trigger = self.add_weight(
+        name="push_trigger", shape=(), initializer="zeros", trainable=True)
+    self.built = True
+
+  def _rows(self, ids, training):
+    return embedding_lookup(self.table, ids, self.push_trigger,
+                            insert_missing=bool(training))
+
+  def call(self, inputs, training=None):
+    if isinstance(inputs, tf.SparseTensor):
+      inputs = tf.RaggedTensor.from_sparse(inputs)
+    if isinstance(inputs, tf.RaggedTensor):
+      ids = tf.cast(inputs.flat_values, tf.int64)
+      emb = inputs.with_flat_values(self._rows(ids, training))
+      if self.combiner is None:
+        return tf.cast(emb, self.compute_dtype)
+      total = tf.reduce_sum(emb, axis=-2)
+      if self.combiner == "mean":
+        count = tf.reduce_sum(tf.ones_like(inputs, tf.float32), axis=-1)
+        total = total / tf.maximum(count, 1.0)[..., tf.newaxis]
+      return tf.cast(total, self.compute_dtype)
+    ids = tf.cast(tf.convert_to_tensor(inputs), tf.int64)
+    if self.combiner is not None and ids.shape.rank == 1:
+      ids = ids[:, tf.newaxis]
+    emb = self._rows(ids, training)
+    if self.combiner == "sum":
+      emb = tf.reduce_sum(emb, axis=-2)
+    elif self.combiner == "mean":
+      emb = tf.reduce_mean(emb, axis=-2)
+    return tf.cast(emb, self.compute_dtype)
+
+  def compute_output_shape(self, input_shape):
+    shape = tuple(input_shape)
+    if self.combiner is not None and len(shape) >= 2:
+      shape = shape[:-1]
+    return shape + (self.dim,)
+
+  def compute_output_spec(self, inputs, training=None):
+    ragged = bool(getattr(inputs, "ragged", False)) or bool(
+        getattr(inputs, "sparse", False))
+    shape = self.compute_output_shape(inputs.shape)
+    return keras.KerasTensor(shape, dtype=self.compute_dtype,
+                             ragged=ragged and self.combiner is None)
+
+  def get_config(self):
+    config = super().get_config()
+    table_config = self.table.get_config()
+    config.update({
+        "dim": self.dim, "combiner": self.combiner,
+        "initializer": table_config["initializer"],
+        "init_scale": table_config["init_scale"],
+        "seed": table_config["seed"],
+        "optimizer": table_config["optimizer"],
+        "optimizer_options": table_config["optimizer_options"],
+        "num_shards": table_config["num_shards"],
+        "admission_min_count": table_config["admission_min_count"],
+        "track_usage": table_config["track_usage"],
+    })
+    if "learning_rate" in table_config:
+      config["learning_rate"] = table_config["learning_rate"]
+    return config
