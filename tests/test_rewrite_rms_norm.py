@@ -175,7 +175,7 @@ def test_statistic_shared_as_output_keeps_gamma_free_part(tmp):
   tf.saved_model.save(m, path, signatures={"f": m.f})
   mg, report = rewrite.rewrite_meta_graph(rm.load_saved_model_proto(path).meta_graphs[0])
   assert report.counts() == {"rms_norm": 1}
-  ops = [op for ops in rm.function_ops(mg, "__inference_f_").values() for op in ops]
+  ops = [op for ops in rm.function_ops(mg, "f").values() for op in ops]
   assert ops.count("RmsNorm") == 1 and ops.count("Mul") == 1
   assert "gamma ones" in report.replacements[0].detail
 

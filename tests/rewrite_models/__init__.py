@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import hashlib  # noqa: E402
+import re  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -33,11 +34,13 @@ def all_ops(meta_graph):
   return ops
 
 
-def function_ops(meta_graph, prefix):
-  """{function name: [ops]} for functions whose name starts with prefix."""
+def function_ops(meta_graph, name):
+  """{function name: [ops]} for the traces of the tf.function `name`
+  (library functions named __inference_<name>_<number>)."""
+  pattern = re.compile(r"__inference_%s_\d+" % re.escape(name))
   return {f.signature.name: [n.op for n in f.node_def]
           for f in meta_graph.graph_def.library.function
-          if f.signature.name.startswith(prefix)}
+          if pattern.fullmatch(f.signature.name)}
 
 
 def dir_checksum(path):

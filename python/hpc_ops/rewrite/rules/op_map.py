@@ -33,22 +33,25 @@ def _arg_str(arg):
     t = arg.type_attr
   else:
     t = types_pb2.DataType.Name(arg.type)[3:].lower()
-  return "%s: %s%s" % (arg.name, "Ref(%s)" % t if arg.is_ref else t, "")
+  return "%s: %s" % (arg.name, "Ref(%s)" % t if arg.is_ref else t)
 
 
 def signature_mismatch(old, new):
   """Why OpDefs `old` and `new` are not interchangeable, or None."""
   for kind in ("input_arg", "output_arg"):
     a, b = getattr(old, kind), getattr(new, kind)
-    what = kind.split("_")[0] + "s"
+    what = kind.split("_")[0]
+
+    def count(n):
+      return "%d %s%s" % (n, what, "" if n == 1 else "s")
     if len(a) != len(b):
-      return "%s has %d %s (%s), %s has %d (%s)" % (
-          old.name, len(a), what, ", ".join(map(_arg_str, a)), new.name,
-          len(b), ", ".join(map(_arg_str, b)))
+      return "%s has %s (%s), %s has %s (%s)" % (
+          old.name, count(len(a)), ", ".join(map(_arg_str, a)), new.name,
+          count(len(b)), ", ".join(map(_arg_str, b)))
     for i, (x, y) in enumerate(zip(a, b)):
       if _arg_spec(x) != _arg_spec(y):
         return "%s %d is `%s` in %s but `%s` in %s" % (
-            what[:-1], i, _arg_str(x), old.name, _arg_str(y), new.name)
+            what, i, _arg_str(x), old.name, _arg_str(y), new.name)
   old_attrs = {a.name: a for a in old.attr}
   new_attrs = {a.name: a for a in new.attr}
   for name, a in old_attrs.items():

@@ -225,9 +225,14 @@ class RmsNormRule(core.Rule):
     eps = g.const_value(eps_t)
     if eps is None:
       src = g.producer(eps_t)
-      return core.NoMatch("epsilon is not a constant (it is %r%s)" % (
-          g.ref(eps_t), ", a %s" % src.op if src is not None else
-          ", a function argument"))
+      if src is not None and src.op in ("Const", "Identity") and \
+          g.const_producers(eps_t) and \
+          g.node(g.const_producers(eps_t)[-1]).op == "Const":
+        return core.NoMatch("epsilon %r is not a readable scalar constant"
+                            % g.ref(eps_t))
+      return core.NoMatch("epsilon is not a constant (it is %r, %s)" % (
+          g.ref(eps_t), "a %s" % src.op if src is not None else
+          "a function argument"))
     if eps.size != 1 or eps.dtype.kind != "f" or (
         eps.ndim > (rank if rank is not None else 1)):
       return core.NoMatch("epsilon %r is not a scalar" % g.ref(eps_t))
