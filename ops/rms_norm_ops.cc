@@ -1,5 +1,6 @@
 // Op registrations for the rms_norm family. Kernels: ../kernels/rms_norm_op.cc
 #include <cmath>
+#include <string>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -29,23 +30,45 @@ absl::Status CheckStatisticsType(InferenceContext* c, const char* op) {
   return absl::OkStatus();
 }
 
+// Replaces a failed shape check's generic message with one that names the op
+// and the input, like the kernels' messages.
+absl::Status Explain(const absl::Status& s, const char* op,
+                     const std::string& what) {
+  if (s.ok()) return s;
+  return absl::InvalidArgumentError(
+      absl::StrCat(op, ": ", what, " (", s.message(), ")"));
+}
+
 // x: rank >= 1 with last dimension H; gamma: [H]. Sets *x_out to x with its
 // last dimension merged with gamma's, and *h to that dimension.
 absl::Status MergeXAndGamma(InferenceContext* c, const char* op, int x_index,
                             int gamma_index, ShapeHandle* x_out,
                             DimensionHandle* h) {
   ShapeHandle x, gamma;
-  TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(x_index), 1, &x));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(gamma_index), 1, &gamma));
+  const ShapeHandle x_in = c->input(x_index);
+  const ShapeHandle gamma_in = c->input(gamma_index);
+  TF_RETURN_IF_ERROR(Explain(
+      c->WithRankAtLeast(x_in, 1, &x), op,
+      absl::StrCat("x must have rank >= 1, got shape ", c->DebugString(x_in))));
+  const std::string gamma_mismatch =
+      absl::StrCat("gamma shape ", c->DebugString(gamma_in),
+                   " does not match [H], the last dimension of x shape ",
+                   c->DebugString(x_in));
+  TF_RETURN_IF_ERROR(
+      Explain(c->WithRank(gamma_in, 1, &gamma), op, gamma_mismatch));
   if (c->RankKnown(x)) {
-    TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, -1), c->Dim(gamma, 0), h));
+    TF_RETURN_IF_ERROR(Explain(c->Merge(c->Dim(x, -1), c->Dim(gamma, 0), h), op,
+                               gamma_mismatch));
     TF_RETURN_IF_ERROR(c->ReplaceDim(x, -1, *h, &x));
   } else {
     *h = c->Dim(gamma, 0);
   }
   if (c->ValueKnown(*h) && c->Value(*h) == 0) {
     return absl::InvalidArgumentError(absl::StrCat(
-        op, ": the normalised (last) dimension of x must not be empty"));
+        op,
+        ": the last dimension of x must not be empty (the mean square of "
+        "an empty row is undefined), got x shape ",
+        c->DebugString(x_in)));
   }
   *x_out = x;
   return absl::OkStatus();
@@ -74,14 +97,19 @@ absl::Status RmsNormShape(InferenceContext* c) {
 
 absl::Status RmsNormGradShape(InferenceContext* c) {
   TF_RETURN_IF_ERROR(CheckStatisticsType(c, "RmsNormGrad"));
-  ShapeHandle x, dy, rows;
+  ShapeHandle x, rows;
   DimensionHandle h;
   TF_RETURN_IF_ERROR(MergeXAndGamma(c, "RmsNormGrad", 1, 2, &x, &h));
-  TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(0), 1, &dy));
-  TF_RETURN_IF_ERROR(c->Merge(x, dy, &x));
+  TF_RETURN_IF_ERROR(Explain(
+      c->Merge(x, c->input(0), &x), "RmsNormGrad",
+      absl::StrCat("dy shape ", c->DebugString(c->input(0)),
+                   " does not match x shape ", c->DebugString(c->input(1)))));
   if (c->RankKnown(x)) {
     TF_RETURN_IF_ERROR(c->Subshape(x, 0, -1, &rows));
-    TF_RETURN_IF_ERROR(c->Merge(rows, c->input(3), &rows));
+    TF_RETURN_IF_ERROR(Explain(
+        c->Merge(rows, c->input(3), &rows), "RmsNormGrad",
+        absl::StrCat("inv_rms shape ", c->DebugString(c->input(3)),
+                     " does not match x.shape[:-1] = ", c->DebugString(rows))));
     // inv_rms may have taught us leading dimensions of x.
     TF_RETURN_IF_ERROR(c->Concatenate(rows, c->Vector(h), &x));
   }
