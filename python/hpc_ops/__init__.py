@@ -3,9 +3,11 @@
 Op families (each also importable as `hpc_ops.gen_<family>_ops`, the raw
 generated wrappers):
   zero_out      hpc_ops.zero_out
+  rms_norm      hpc_ops.rms_norm, hpc_ops.layers.RMSNorm
   sparse_table  hpc_ops.SparseTable, hpc_ops.layers.SparseEmbedding
 """
 __version__ = "0.1.0"
 
 from hpc_ops.zero_out import zero_out  # noqa: F401,E402
+from hpc_ops.rms_norm import rms_norm  # noqa: F401,E402
 from hpc_ops.sparse_table import SparseTable  # noqa: F401,E402
