@@ -28,9 +28,12 @@ class Small(tf.Module):
 
   @tf.function(input_signature=[tf.TensorSpec([None, rm.H], tf.float32)])
   def f(self, x):
-    y = x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), -1, keepdims=True) + 1e-6)
-    return {"y": y * self.g,
-            "z": x * tf.reshape(tf.one_hot(0, tf.size(x)), tf.shape(x))}
+    y = x * tf.math.rsqrt(
+        tf.reduce_mean(tf.square(x), -1, keepdims=True) + 1e-6)
+    return {
+        "y": y * self.g,
+        "z": x * tf.reshape(tf.one_hot(0, tf.size(x)), tf.shape(x))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +57,10 @@ def copy_with(src, dst, edit):
 def body(sm, name="f"):
   """The FunctionDef of tf.function `name`."""
   names = rm.function_ops(sm.meta_graphs[0], name)
-  (f,) = [f for f in sm.meta_graphs[0].graph_def.library.function
-          if f.signature.name in names]
+  (f,) = [
+      f for f in sm.meta_graphs[0].graph_def.library.function
+      if f.signature.name in names
+  ]
   return f
 
 
@@ -102,9 +107,12 @@ def test_dry_run_writes_nothing(small, tmp_path):
 def test_cli_rewrites_verifies_and_writes_json(small, tmp_path):
   before = rm.dir_checksum(small)
   dst, js = str(tmp_path / "cli"), str(tmp_path / "report.json")
-  proc = subprocess.run(
-      [sys.executable, "-m", "hpc_ops.rewrite", small, dst, "--verify", "2",
-       "--json", js], capture_output=True, text=True)
+  proc = subprocess.run([
+      sys.executable, "-m", "hpc_ops.rewrite", small, dst, "--verify", "2",
+      "--json", js
+  ],
+                        capture_output=True,
+                        text=True)
   assert proc.returncode == 0, proc.stderr
   assert "2 replacements (rms_norm: 1, zero_out: 1)" in proc.stdout
   assert "verification (2 random batches per signature): PASSED" in proc.stdout
@@ -170,7 +178,7 @@ def test_corrupt_protobuf(small, tmp_path, damage):
   if damage == "garbage":
     data = bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8))
   elif damage == "truncated":
-    data = data[: len(data) // 2]
+    data = data[:len(data) // 2]
   else:
     os.remove(path)
     path = os.path.join(bad, "saved_model.pbtxt")
@@ -190,10 +198,12 @@ def test_corrupt_meta_graph_file(tmp_path):
 
 
 def test_dangling_input(small, tmp_path):
+
   def edit(sm):
     f = body(sm)
     (sq,) = [n for n in f.node_def if n.op == "Square"]
     sq.input[0] = "no_such_node:output:0"
+
   bad = copy_with(small, str(tmp_path / "dangling"), edit)
   msg = expect_error(bad, "has a dangling input 'no_such_node:output:0'",
                      tmp_path)
@@ -201,9 +211,11 @@ def test_dangling_input(small, tmp_path):
 
 
 def test_dangling_control_input_and_result(small, tmp_path):
+
   def edit(sm):
     f = body(sm)
     f.node_def[0].input.append("^ghost")
+
   bad = copy_with(small, str(tmp_path / "ctrl"), edit)
   expect_error(bad, "dangling input '^ghost'", tmp_path)
 
@@ -211,19 +223,24 @@ def test_dangling_control_input_and_result(small, tmp_path):
     f = body(sm)
     key = sorted(f.ret)[0]
     f.ret[key] = "ghost:output:0"
+
   bad = copy_with(small, str(tmp_path / "ret"), edit_ret)
-  expect_error(bad, "refers to 'ghost:output:0', which does not exist", tmp_path)
+  expect_error(bad, "refers to 'ghost:output:0', which does not exist",
+               tmp_path)
 
 
 def test_self_recursive_function(small, tmp_path):
+
   def edit(sm):
     f = body(sm)
     call = f.node_def.add(name="again", op="PartitionedCall")
     call.input.append(f.signature.input_arg[0].name)
     call.attr["f"].func.name = f.signature.name
     for key in ("Tin", "Tout"):
-      call.attr[key].CopyFrom(attr_value_pb2.AttrValue(
-          list=attr_value_pb2.AttrValue.ListValue(type=[tf.float32.as_datatype_enum])))
+      call.attr[key].CopyFrom(
+          attr_value_pb2.AttrValue(list=attr_value_pb2.AttrValue.ListValue(
+              type=[tf.float32.as_datatype_enum])))
+
   bad = copy_with(small, str(tmp_path / "recursive"), edit)
   msg = expect_error(bad, "the function library is recursive", tmp_path)
   name = body(rm.load_saved_model_proto(bad)).signature.name
@@ -231,42 +248,51 @@ def test_self_recursive_function(small, tmp_path):
 
 
 def test_mutually_recursive_functions_through_a_direct_call(small, tmp_path):
+
   def edit(sm):
     lib = sm.meta_graphs[0].graph_def.library
     a, b = lib.function.add(), lib.function.add()
     a.signature.name, b.signature.name = "ping", "pong"
     a.node_def.add(name="call", op="pong")
     b.node_def.add(name="call", op="ping")
+
   bad = copy_with(small, str(tmp_path / "mutual"), edit)
   expect_error(bad, "ping -> pong -> ping", tmp_path)
 
 
 def test_duplicate_node_names(small, tmp_path):
+
   def edit(sm):
     f = body(sm)
     n = f.node_def.add()
     n.CopyFrom([m for m in f.node_def if m.op == "Square"][0])
+
   bad = copy_with(small, str(tmp_path / "dup"), edit)
   expect_error(bad, "two nodes are named", tmp_path)
 
 
 def test_unregistered_op_asks_for_its_library(small, tmp_path):
+
   def edit(sm):
     f = body(sm)
     [n for n in f.node_def if n.op == "Square"][0].op = "MysteryOp"
+
   bad = copy_with(small, str(tmp_path / "mystery"), edit)
-  expect_error(bad, "uses op 'MysteryOp', which is neither registered", tmp_path)
+  expect_error(bad, "uses op 'MysteryOp', which is neither registered",
+               tmp_path)
 
 
 def test_hostile_constant_is_not_decoded(small, tmp_path):
   """An epsilon Const whose shape claims 2^40 elements is refused (skipped)
   without allocating it."""
+
   def edit(sm):
     f = body(sm)
     (eps,) = [n for n in f.node_def if n.name == "add/y"]
     shape = eps.attr["value"].tensor.tensor_shape
     shape.dim.add().size = 1 << 20
     shape.dim.add().size = 1 << 20
+
   bad = copy_with(small, str(tmp_path / "hostile"), edit)
   report = rewrite.rewrite_saved_model(bad, str(tmp_path / "o"), dry_run=True)
   (skip,) = [s for s in report.skipped if s.rule == "rms_norm"]
@@ -294,7 +320,9 @@ def test_stripped_op_list_follows_the_graph(small):
   listed = [o.name for o in new.meta_info_def.stripped_op_list.op]
   assert listed == sorted(listed)
   assert set(listed) == core.used_ops(new.graph_def)
-  rms = [o for o in new.meta_info_def.stripped_op_list.op if o.name == "RmsNorm"][0]
+  rms = [
+      o for o in new.meta_info_def.stripped_op_list.op if o.name == "RmsNorm"
+  ][0]
   assert not rms.summary and not rms.description
 
 
@@ -305,3 +333,74 @@ def test_rules_argument_forms(small):
     assert report.counts() == {"zero_out": 1}
   with pytest.raises(rewrite.RewriteError, match="no rules given"):
     rewrite.rewrite_meta_graph(mg, rules=[])
+
+
+def test_wrong_input_count(small, tmp_path):
+
+  def edit(sm):
+    f = body(sm)
+    (sq,) = [n for n in f.node_def if n.op == "Square"]
+    del sq.input[:]
+
+  bad = copy_with(small, str(tmp_path / "arity"), edit)
+  expect_error(bad, "(Square) has 0 data inputs, its op takes 1", tmp_path)
+
+
+def _mutate(sm, rng):
+  """One random damage to the body of `f`."""
+  f = body(sm)
+  nodes = list(f.node_def)
+  n = nodes[rng.integers(len(nodes))]
+  kind = rng.integers(7)
+  if kind == 0 and n.input:  # rewire an input somewhere odd
+    target = nodes[rng.integers(len(nodes))].name
+    n.input[rng.integers(len(n.input))] = rng.choice(
+        [target, target + ":output:0", target + ":z:7", "x", "^" + target, ""])
+  elif kind == 1 and n.input:  # drop an input
+    del n.input[rng.integers(len(n.input))]
+  elif kind == 2:  # change the op
+    n.op = str(
+        rng.choice([
+            "Square", "Mul", "Const", "Rsqrt", "Identity", "Cast", "Mean",
+            "AddV2", "OneHot"
+        ]))
+  elif kind == 3:  # retype an attr
+    key = str(rng.choice(["T", "keep_dims", "dtype", "DstT", "value"]))
+    choice = rng.integers(3)
+    if choice == 0:
+      n.attr[key].i = int(rng.integers(-5, 5))
+    elif choice == 1:
+      n.attr[key].type = tf.string.as_datatype_enum
+    else:
+      n.attr[key].tensor.tensor_shape.dim.add().size = -7
+  elif kind == 4:  # a constant's bytes
+    consts = [m for m in nodes if m.op == "Const"]
+    if consts:
+      c = consts[rng.integers(len(consts))]
+      c.attr["value"].tensor.tensor_content = bytes(
+          rng.integers(0, 256, 3, np.uint8))
+  elif kind == 5:  # a second node of the same name
+    f.node_def.add().CopyFrom(n)
+  else:  # the function calls itself
+    n.attr["f"].func.name = f.signature.name
+
+
+def test_random_damage_gives_an_error_or_a_valid_rewrite(small):
+  """Hundreds of randomly damaged graphs: each either is refused with a
+  RewriteError or yields a rewrite that TensorFlow imports; nothing else
+  escapes."""
+  original = rm.load_saved_model_proto(small)
+  rng = np.random.default_rng(1234)
+  outcomes = {"error": 0, "rewritten": 0, "unchanged": 0}
+  for _ in range(150):
+    sm = type(original)()
+    sm.CopyFrom(original)
+    for _ in range(int(rng.integers(1, 3))):
+      _mutate(sm, rng)
+    try:
+      _, report = rewrite.rewrite_meta_graph(sm.meta_graphs[0])
+    except rewrite.RewriteError:
+      outcomes["error"] += 1
+      continue
+    outcomes["rewritten" if report.changed else "unchanged"] += 1
+  assert outcomes["error"] > 0 and outcomes["rewritten"] > 0, outcomes

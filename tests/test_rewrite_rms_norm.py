@@ -17,9 +17,10 @@ NATIVE = ("Square", "Mean", "Rsqrt", "Sqrt", "Sum", "Pow", "Reciprocal")
 
 def rms_nodes(meta_graph):
   gd = meta_graph.graph_def
-  return [n for n in list(gd.node) + [n for f in gd.library.function
-                                      for n in f.node_def]
-          if n.op == "RmsNorm"]
+  return [
+      n for n in list(gd.node) +
+      [n for f in gd.library.function for n in f.node_def] if n.op == "RmsNorm"
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +28,9 @@ def tmp(tmp_path_factory):
   return tmp_path_factory.mktemp("rms")
 
 
-@pytest.mark.parametrize("policy,dtype", [
-    ("float32", tf.float32), ("mixed_float16", tf.float16),
-    ("bfloat16", tf.bfloat16)])
+@pytest.mark.parametrize("policy,dtype", [("float32", tf.float32),
+                                          ("mixed_float16", tf.float16),
+                                          ("bfloat16", tf.bfloat16)])
 def test_keras_export_is_rewritten_and_verified(tmp, policy, dtype):
   src = rm.keras_rms_model(str(tmp / ("keras_" + policy)), policy)
   before = rm.dir_checksum(src)
@@ -69,8 +70,11 @@ def test_keras_tf_saved_model_save_rewrites_every_trace(tmp):
   # tf.saved_model.save keeps each layer call as its own function (several
   # traces): every one that holds the pattern is rewritten.
   orig = rm.load_saved_model_proto(src).meta_graphs[0]
-  with_pattern = [f.signature.name for f in orig.graph_def.library.function
-                  if any(n.op == "Rsqrt" for n in f.node_def)]
+  with_pattern = [
+      f.signature.name
+      for f in orig.graph_def.library.function
+      if any(n.op == "Rsqrt" for n in f.node_def)
+  ]
   assert len(with_pattern) >= 1
   rewritten = {r.scope.split(" ", 1)[1] for r in report.replacements}
   assert rewritten == set(with_pattern)
@@ -95,12 +99,16 @@ def test_hand_written_variants_all_replaced(hand_written):
     for n in f.node_def:
       if n.op == "RmsNorm":
         by_fn.setdefault(f.signature.name, []).append(n)
+
   def one(prefix):
     hits = [ns for name, ns in by_fn.items() if name.startswith(prefix)]
     assert len(hits) == 1 and len(hits[0]) == 1, (prefix, sorted(by_fn))
     return hits[0][0]
-  assert one("__inference_square_mean_rsqrt_").attr["T"].type == tf.float32.as_datatype_enum
-  assert one("__inference_sum_sqrt_gamma_first_").attr["epsilon"].f == pytest.approx(1e-5)
+
+  assert one("__inference_square_mean_rsqrt_"
+            ).attr["T"].type == tf.float32.as_datatype_enum
+  assert one("__inference_sum_sqrt_gamma_first_"
+            ).attr["epsilon"].f == pytest.approx(1e-5)
   bf16 = one("__inference_bf16_upcast_")
   assert bf16.attr["T"].type == tf.bfloat16.as_datatype_enum
   assert bf16.input[0] == "x"  # the input cast was absorbed
@@ -109,8 +117,9 @@ def test_hand_written_variants_all_replaced(hand_written):
   # The constant was float16: its value, not 1e-3, is what the model used.
   assert f16.attr["epsilon"].f == float(np.float16(1e-3))
   f64 = one("__inference_f64_pow_reciprocal_")
-  assert (f64.attr["T"].type, f64.attr["U"].type) == (
-      tf.float64.as_datatype_enum, tf.float64.as_datatype_enum)
+  assert (f64.attr["T"].type,
+          f64.attr["U"].type) == (tf.float64.as_datatype_enum,
+                                  tf.float64.as_datatype_enum)
   # The nested pattern lives in _inner, called from a cond branch and a
   # while body (functions calling functions).
   inner = [name for name in by_fn if name.startswith("__inference__inner_")]
@@ -120,8 +129,8 @@ def test_hand_written_variants_all_replaced(hand_written):
   assert {"square_mean_rsqrt", "bf16_upcast", "nested"} <= sigs
 
 
-def test_rewritten_model_runs_rms_norm_in_a_fresh_process(hand_written,
-                                                          fresh_python):
+def test_rewritten_model_runs_rms_norm_in_a_fresh_process(
+    hand_written, fresh_python):
   """The served model really executes RmsNorm and matches the formula."""
   _, dst, _ = hand_written
   proc = fresh_python("""
@@ -135,7 +144,8 @@ def test_rewritten_model_runs_rms_norm_in_a_fresh_process(hand_written,
       print("RmsNorm" in ops, "Rsqrt" in ops)
       x = np.random.default_rng(0).normal(size=(5, 3, %d)).astype(np.float32)
       g = np.linspace(0.5, 1.5, %d).astype(np.float32)
-      want = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * g
+      ms = (x.astype(np.float64) ** 2).mean(-1, keepdims=True)
+      want = x / np.sqrt(ms + 1e-5) * g
       got = list(fn(x=tf.constant(x)).values())[0].numpy()
       print(float(np.abs(got - want).max()))
   """ % (dst, rm.H, rm.H))
@@ -148,8 +158,11 @@ def test_near_misses_are_reported_not_rewritten(tmp):
   src = rm.near_misses_model(str(tmp / "near"))
   report = rewrite.rewrite_saved_model(src, None, dry_run=True)
   assert not report.replacements, str(report)
-  reasons = {s.scope.split("__inference_")[1].rsplit("_", 1)[0]: s.reason
-             for s in report.skipped if s.rule == "rms_norm"}
+  reasons = {
+      s.scope.split("__inference_")[1].rsplit("_", 1)[0]: s.reason
+      for s in report.skipped
+      if s.rule == "rms_norm"
+  }
   assert "epsilon is not a constant" in reasons["variable_epsilon"]
   assert "ReadVariableOp" in reasons["variable_epsilon"]
   assert "is also used by" in reasons["shared_statistic"]
@@ -163,17 +176,20 @@ def test_near_misses_are_reported_not_rewritten(tmp):
 def test_statistic_shared_as_output_keeps_gamma_free_part(tmp):
   """A gamma Mul whose input is also an output stops the match before it:
   the normalisation is still fused, the Mul by gamma stays."""
+
   class M(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None, rm.H], tf.float32)])
     def f(self, x):
-      n = x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), -1, keepdims=True) + 1e-5)
+      n = x * tf.math.rsqrt(
+          tf.reduce_mean(tf.square(x), -1, keepdims=True) + 1e-5)
       return {"n": n, "y": n * tf.constant(np.full([rm.H], 2.0, np.float32))}
 
   path = str(tmp / "shared_out")
   m = M()
   tf.saved_model.save(m, path, signatures={"f": m.f})
-  mg, report = rewrite.rewrite_meta_graph(rm.load_saved_model_proto(path).meta_graphs[0])
+  mg, report = rewrite.rewrite_meta_graph(
+      rm.load_saved_model_proto(path).meta_graphs[0])
   assert report.counts() == {"rms_norm": 1}
   ops = [op for ops in rm.function_ops(mg, "f").values() for op in ops]
   assert ops.count("RmsNorm") == 1 and ops.count("Mul") == 1

@@ -31,13 +31,18 @@ def zero_out_models(tmp):
 def test_native_patterns_replaced_and_verified(zero_out_models):
   src, dst, report = zero_out_models
   assert report.verification["ok"], str(report)
-  kinds = sorted(r.detail.split("(")[-1].rstrip(")") for r in report.replacements)
-  assert kinds == ["concat pattern", "concat pattern", "flat mask pattern",
-                   "mask pattern", "scatter pattern"], str(report)
+  kinds = sorted(
+      r.detail.split("(")[-1].rstrip(")") for r in report.replacements)
+  assert kinds == [
+      "concat pattern", "concat pattern", "flat mask pattern", "mask pattern",
+      "scatter pattern"
+  ], str(report)
   mg = rm.load_saved_model_proto(dst).meta_graphs[0]
+
   def ops(name):
     (found,) = rm.function_ops(mg, name).values()
     return found
+
   for name in ("mask", "flat_mask", "concat", "concat_static", "scatter"):
     assert ops(name).count("ZeroOut") == 1, (name, ops(name))
     assert not {"OneHot", "ConcatV2", "TensorScatterUpdate", "ZerosLike"} & set(
@@ -84,7 +89,9 @@ def test_op_map_replaces_and_verification_catches_a_changed_result(tmp):
   src = str(tmp / "exp")
   tf.saved_model.save(m, src, signatures={"f": m.f})
   dst = str(tmp / "exp_out")
-  report = rewrite.rewrite_saved_model(src, dst, rules=["op_map:Exp=Expm1"],
+  report = rewrite.rewrite_saved_model(src,
+                                       dst,
+                                       rules=["op_map:Exp=Expm1"],
                                        verify=1)
   assert report.counts() == {"op_map": 1}
   assert not report.verification["ok"]
@@ -103,6 +110,7 @@ def test_op_map_renames_outputs_in_function_bodies(tmp):
   """Identity (output `output`) -> ZeroOut (output `zeroed`): readers in
   function bodies are rewired to the new output name; resource Identities
   are refused by ZeroOut's type constraint and reported."""
+
   class M(tf.Module):
 
     def __init__(self):
@@ -119,23 +127,27 @@ def test_op_map_renames_outputs_in_function_bodies(tmp):
   src = str(tmp / "ident")
   tf.saved_model.save(m, src, signatures={"f": m.f})
   mg, report = rewrite.rewrite_meta_graph(
-      rm.load_saved_model_proto(src).meta_graphs[0], rules=["op_map:Identity=ZeroOut"])
+      rm.load_saved_model_proto(src).meta_graphs[0],
+      rules=["op_map:Identity=ZeroOut"])
   assert report.counts()["op_map"] >= 2
-  (body,) = [f for f in mg.graph_def.library.function
-             if f.signature.name.startswith("__inference_f_")]
+  (body,) = [
+      f for f in mg.graph_def.library.function
+      if f.signature.name.startswith("__inference_f_")
+  ]
   refs = [i for n in body.node_def for i in n.input] + list(body.ret.values())
   zeroed = {n.name for n in body.node_def if n.op == "ZeroOut"}
   for r in refs:
     if r.split(":")[0] in zeroed:
       assert r.split(":")[1] == "zeroed", r
   skipped = [s for s in report.skipped if s.rule == "op_map"]
-  assert any("ZeroOut does not allow T=DT_RESOURCE" in s.reason for s in skipped), \
+  assert any("ZeroOut does not allow T=DT_RESOURCE" in s.reason
+             for s in skipped), \
       str(report)
 
 
 @pytest.mark.parametrize("spec,fragment", [
     ("Relu=MatMul", "Relu has 1 input (features: T), MatMul has 2 inputs "
-                    "(a: T, b: T)"),
+     "(a: T, b: T)"),
     ("Relu=Cast", "input 0 is `features: T` in Relu but `x: SrcT` in Cast"),
     ("LeakyRelu=Relu", "LeakyRelu has attr 'alpha', Relu does not"),
     ("Exp=NoSuchOp", "op 'NoSuchOp' is not registered"),
@@ -156,4 +168,5 @@ def test_op_map_signature_check_names_both_sides():
   assert why is None  # features: T -> activations: T, same constraint kind
   why = op_map.signature_mismatch(core.registered_op_def("ZeroOut"),
                                   core.registered_op_def("Shape"))
-  assert "output 0 is `zeroed: T` in ZeroOut but `output: out_type` in Shape" in why
+  assert ("output 0 is `zeroed: T` in ZeroOut but `output: out_type` in "
+          "Shape") in why

@@ -14,7 +14,6 @@ from tensorflow.core.protobuf import saved_model_pb2  # noqa: E402
 
 H = 16  # hidden size of the small test models
 
-
 # -- inspection ---------------------------------------------------------------
 
 
@@ -38,9 +37,11 @@ def function_ops(meta_graph, name):
   """{function name: [ops]} for the traces of the tf.function `name`
   (library functions named __inference_<name>_<number>)."""
   pattern = re.compile(r"__inference_%s_\d+" % re.escape(name))
-  return {f.signature.name: [n.op for n in f.node_def]
-          for f in meta_graph.graph_def.library.function
-          if pattern.fullmatch(f.signature.name)}
+  return {
+      f.signature.name: [n.op for n in f.node_def]
+      for f in meta_graph.graph_def.library.function
+      if pattern.fullmatch(f.signature.name)
+  }
 
 
 def dir_checksum(path):
@@ -63,13 +64,13 @@ def dir_checksum(path):
 def keras_rms_model(path, policy="float32", depth=2, save="export"):
   """Dense + RMSNormalization blocks, saved with model.export (or
   tf.saved_model.save with save="tf")."""
-  import keras  # pylint: disable=g-import-not-at-top
+  import keras
   old = keras.mixed_precision.global_policy()
   keras.mixed_precision.set_global_policy(policy)
   try:
     keras.utils.set_random_seed(1)
-    inp = keras.Input((H,), dtype="float32" if policy.startswith("mixed")
-                      else policy)
+    inp = keras.Input((H,),
+                      dtype="float32" if policy.startswith("mixed") else policy)
     y = inp
     for i in range(depth):
       y = keras.layers.Dense(H, name="dense_%d" % i)(y)
@@ -125,8 +126,10 @@ class HandWritten(tf.Module):
     inv = 1.0 / tf.sqrt(ms + 1e-6)
     return (x * inv) * self.g64
 
-  @tf.function(input_signature=[tf.TensorSpec([None, H], tf.float32),
-                                tf.TensorSpec([], tf.bool)])
+  @tf.function(input_signature=[
+      tf.TensorSpec([None, H], tf.float32),
+      tf.TensorSpec([], tf.bool)
+  ])
   def nested(self, x, flag):
     # The pattern lives in a cond branch and a while body: functions of
     # the library called from other functions.
@@ -134,6 +137,7 @@ class HandWritten(tf.Module):
 
     def body(i, v):
       return i + 1, self._inner(v) + 1.0
+
     _, z = tf.while_loop(lambda i, v: i < 2, body, [0, y])
     return z
 
@@ -143,9 +147,11 @@ class HandWritten(tf.Module):
         tf.reduce_mean(tf.square(x), axis=-1, keepdims=True) + 1e-5) * self.g
 
   def signatures(self):
-    return {name: getattr(self, name) for name in (
-        "square_mean_rsqrt", "sum_sqrt_gamma_first", "bf16_upcast",
-        "f16_native_no_gamma", "f64_pow_reciprocal", "nested")}
+    return {
+        name: getattr(self, name)
+        for name in ("square_mean_rsqrt", "sum_sqrt_gamma_first", "bf16_upcast",
+                     "f16_native_no_gamma", "f64_pow_reciprocal", "nested")
+    }
 
 
 def hand_written_model(path):
@@ -192,9 +198,11 @@ class NearMisses(tf.Module):
     return x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), -1, keepdims=True))
 
   def signatures(self):
-    return {name: getattr(self, name) for name in (
-        "variable_epsilon", "shared_statistic", "middle_axis", "two_axes",
-        "no_keepdims", "no_epsilon")}
+    return {
+        name: getattr(self, name)
+        for name in ("variable_epsilon", "shared_statistic", "middle_axis",
+                     "two_axes", "no_keepdims", "no_epsilon")
+    }
 
 
 def near_misses_model(path):
@@ -237,9 +245,11 @@ class ZeroOutPatterns(tf.Module):
     return tf.concat([x[:1], tf.zeros_like(x[1:])], 0)
 
   def signatures(self):
-    return {name: getattr(self, name) for name in (
-        "mask", "flat_mask", "concat", "concat_static", "scatter",
-        "not_first", "rows")}
+    return {
+        name: getattr(self, name)
+        for name in ("mask", "flat_mask", "concat", "concat_static", "scatter",
+                     "not_first", "rows")
+    }
 
 
 def zero_out_model(path):
@@ -254,13 +264,16 @@ def tf1_graph():
   g = tf.Graph()
   with g.as_default():
     x = tf.compat.v1.placeholder(tf.float32, [None, H], name="x")
-    gamma = tf.compat.v1.get_variable(
-        "gamma", initializer=np.linspace(0.5, 1.5, H).astype(np.float32))
+    gamma = tf.compat.v1.get_variable("gamma",
+                                      initializer=np.linspace(
+                                          0.5, 1.5, H).astype(np.float32))
     with tf.device("/device:CPU:0"):
       y = tf.multiply(x * tf.math.rsqrt(
-          tf.reduce_mean(tf.square(x), axis=-1, keepdims=True) + 1e-6), gamma,
+          tf.reduce_mean(tf.square(x), axis=-1, keepdims=True) + 1e-6),
+                      gamma,
                       name="y")
-    z = tf.multiply(x, tf.reshape(tf.one_hot(0, tf.size(x)), tf.shape(x)),
+    z = tf.multiply(x,
+                    tf.reshape(tf.one_hot(0, tf.size(x)), tf.shape(x)),
                     name="z")
     # A control dependency on the pattern's last node must survive.
     with tf.control_dependencies([y]):
@@ -284,6 +297,7 @@ def tf1_meta_graph_file(path, as_text=False):
   """export_meta_graph (no _output_shapes: the shapes come from importing)."""
   g, _, _ = tf1_graph()
   with g.as_default():
-    tf.compat.v1.train.export_meta_graph(filename=path, as_text=as_text,
+    tf.compat.v1.train.export_meta_graph(filename=path,
+                                         as_text=as_text,
                                          graph=g)
   return path

@@ -18,19 +18,32 @@ def build_parser():
       prog="python -m hpc_ops.rewrite",
       description="Replace native subgraphs of a saved model with hpc_ops ops.")
   p.add_argument("src", help="SavedModel directory or MetaGraphDef file")
-  p.add_argument("dst", nargs="?", help="output path (must not exist); "
+  p.add_argument("dst",
+                 nargs="?",
+                 help="output path (must not exist); "
                  "not needed with --dry-run")
-  p.add_argument("--rules", default="rms_norm,zero_out",
+  p.add_argument("--rules",
+                 default="rms_norm,zero_out",
                  help="comma-separated rules (default: rms_norm,zero_out)")
-  p.add_argument("--map", action="append", default=[], metavar="OLD=NEW",
+  p.add_argument("--map",
+                 action="append",
+                 default=[],
+                 metavar="OLD=NEW",
                  help="op_map rule: replace op OLD by NEW (identical "
-                      "signatures); repeatable")
-  p.add_argument("--verify", type=int, default=0, metavar="N",
+                 "signatures); repeatable")
+  p.add_argument("--verify",
+                 type=int,
+                 default=0,
+                 metavar="N",
                  help="run original and rewritten on N random batches per "
-                      "signature in a fresh process and compare (SavedModels)")
-  p.add_argument("--dry-run", action="store_true",
+                 "signature in a fresh process and compare (SavedModels)")
+  p.add_argument("--dry-run",
+                 action="store_true",
                  help="report what would change, write nothing")
-  p.add_argument("--load", action="append", default=[], metavar="LIB.so",
+  p.add_argument("--load",
+                 action="append",
+                 default=[],
+                 metavar="LIB.so",
                  help="load another op library (ops the model uses)")
   p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
   p.add_argument("--seed", type=int, default=0, help="seed of --verify inputs")
@@ -42,9 +55,9 @@ def main(argv=None):
   if not args.dry_run and not args.dst:
     print("error: DST is required unless --dry-run is given", file=sys.stderr)
     return 2
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from hpc_ops import rewrite  # pylint: disable=g-import-not-at-top
-  from hpc_ops.rewrite import rules as rules_lib  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  from hpc_ops import rewrite
+  from hpc_ops.rewrite import rules as rules_lib
   try:
     for lib in args.load:
       try:
@@ -56,11 +69,16 @@ def main(argv=None):
       rules.append("op_map:" + ",".join(args.map))
     rule_objs = rules_lib.resolve(rules)
     if os.path.isdir(args.src):
-      report = rewrite.rewrite_saved_model(args.src, args.dst, rule_objs,
+      report = rewrite.rewrite_saved_model(args.src,
+                                           args.dst,
+                                           rule_objs,
                                            verify=args.verify,
-                                           dry_run=args.dry_run, seed=args.seed)
+                                           dry_run=args.dry_run,
+                                           seed=args.seed)
     else:
-      report = rewrite.rewrite_meta_graph_file(args.src, args.dst, rule_objs,
+      report = rewrite.rewrite_meta_graph_file(args.src,
+                                               args.dst,
+                                               rule_objs,
                                                dry_run=args.dry_run)
       if args.verify:
         report.notes.append("verification skipped, because a MetaGraphDef "

@@ -11,13 +11,17 @@ import os
 import shutil
 import tempfile
 
+import tensorflow as tf
 from google.protobuf import message as _pb_message
 from google.protobuf import text_format
 from tensorflow.core.framework import attr_value_pb2
 from tensorflow.core.framework import node_def_pb2
 from tensorflow.core.framework import op_def_pb2
+from tensorflow.core.framework import tensor_shape_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow.python.framework import function_def_to_graph
+from tensorflow.python.framework import op_def_registry
 
 SAVED_MODEL_PB = "saved_model.pb"
 SAVED_MODEL_PBTXT = "saved_model.pbtxt"
@@ -47,8 +51,8 @@ class Replacement:
     rem = ", ".join("%s (%s)" % nt for nt in self.removed) or "none"
     add = ", ".join("%s (%s)" % nt for nt in self.added)
     return "[%s] %s: %s; removed %d node%s: %s; added: %s" % (
-        self.rule, self.scope, self.detail, len(self.removed),
-        "" if len(self.removed) == 1 else "s", rem, add)
+        self.rule, self.scope, self.detail, len(
+            self.removed), "" if len(self.removed) == 1 else "s", rem, add)
 
 
 @dataclasses.dataclass
@@ -60,7 +64,7 @@ class Skip:
 
   def line(self):
     return "[%s] %s: node %r skipped, because %s" % (self.rule, self.scope,
-                                                      self.node, self.reason)
+                                                     self.node, self.reason)
 
 
 class Report:
@@ -95,17 +99,20 @@ class Report:
     }
 
   def __str__(self):
-    lines = ["%d replacement%s%s" % (
-        len(self.replacements), "" if len(self.replacements) == 1 else "s",
-        (" (%s)" % ", ".join("%s: %d" % kv for kv in sorted(self.counts().items()))
-         if self.replacements else ""))]
+    lines = [
+        "%d replacement%s%s" %
+        (len(self.replacements), "" if len(self.replacements) == 1 else "s",
+         (" (%s)" % ", ".join("%s: %d" % kv
+                              for kv in sorted(self.counts().items()))
+          if self.replacements else ""))
+    ]
     lines += ["  " + r.line() for r in self.replacements]
     if self.skipped:
       lines.append("%d skipped" % len(self.skipped))
       lines += ["  " + s.line() for s in self.skipped]
     lines += ["note: " + n for n in self.notes]
     if self.verification is not None:
-      from hpc_ops.rewrite import verify  # pylint: disable=g-import-not-at-top
+      from hpc_ops.rewrite import verify
       lines += verify.format_result(self.verification)
     return "\n".join(lines)
 
@@ -114,20 +121,21 @@ class Report:
 # OpDefs
 # ---------------------------------------------------------------------------
 
+
 def registered_op_def(op_name):
   """The registered OpDef for `op_name`, or None."""
-  from tensorflow.python.framework import op_def_registry  # pylint: disable=g-import-not-at-top
   return op_def_registry.get(op_name)
 
 
 def load_hpc_ops_libraries():
   """Imports every built `hpc_ops.gen_<family>_ops` module so that the ops
   they define are registered; returns {module: error} for those that failed."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  import pkgutil  # pylint: disable=g-import-not-at-top
-  import hpc_ops  # pylint: disable=g-import-not-at-top
+  import importlib
+  import pkgutil
+  import hpc_ops
   failed = {}
-  for mod in sorted(m.name for m in pkgutil.iter_modules(hpc_ops.__path__)
+  for mod in sorted(m.name
+                    for m in pkgutil.iter_modules(hpc_ops.__path__)
                     if m.name.startswith("gen_") and m.name.endswith("_ops")):
     try:
       importlib.import_module("hpc_ops." + mod)
@@ -197,7 +205,12 @@ class Graph:
   removed.
   """
 
-  def __init__(self, scope, nodes, fdef=None, external=(), library_sigs=None,
+  def __init__(self,
+               scope,
+               nodes,
+               fdef=None,
+               external=(),
+               library_sigs=None,
                shape_fallback=None):
     self.scope = scope
     self.nodes = nodes  # repeated NodeDef container (edited in place)
@@ -282,16 +295,18 @@ class Graph:
     """Tensor for a node's flat output `index`."""
     if self.fdef is None:
       return Tensor(node.name, str(index))
-    sizes = _output_arg_sizes(registered_op_def(node.op), node, self.library_sigs)
+    sizes = _output_arg_sizes(registered_op_def(node.op), node,
+                              self.library_sigs)
     if sizes is None:
       raise RewriteError("%s: node %r has op %r, which is neither registered "
-                         "nor a library function" % (self.scope, node.name, node.op))
+                         "nor a library function" %
+                         (self.scope, node.name, node.op))
     for arg, n in sizes:
       if index < n:
         return Tensor(node.name, "%s:%d" % (arg, index))
       index -= n
-    raise RewriteError("%s: node %r (%s) has no output %d"
-                       % (self.scope, node.name, node.op, index))
+    raise RewriteError("%s: node %r (%s) has no output %d" %
+                       (self.scope, node.name, node.op, index))
 
   def flat_index(self, t):
     """The flat output index of a node output Tensor, or None."""
@@ -301,7 +316,8 @@ class Graph:
       return None
     node = self.node(t.node)
     arg, _, idx = t.out.partition(":")
-    sizes = _output_arg_sizes(registered_op_def(node.op), node, self.library_sigs)
+    sizes = _output_arg_sizes(registered_op_def(node.op), node,
+                              self.library_sigs)
     if sizes is None:
       return None
     flat = 0
@@ -372,10 +388,9 @@ class Graph:
         n *= max(d.size, 0)
       if n > max_elements:
         return None
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
       try:
         return tf.make_ndarray(tensor)
-      except Exception:  # pylint: disable=broad-except
+      except Exception:
         return None  # malformed constant: not a match, never a crash
     return None
 
@@ -445,7 +460,11 @@ class Graph:
 
   # -- mutation ----------------------------------------------------------------
 
-  def replace_node(self, old_name, new_node, output_map, extra_nodes=(),
+  def replace_node(self,
+                   old_name,
+                   new_node,
+                   output_map,
+                   extra_nodes=(),
                    remove=()):
     """Puts `new_node` where node `old_name` was (same position; new_node
     usually carries the same name), adds `extra_nodes` before it, deletes
@@ -486,7 +505,6 @@ def _shape_list(shape_proto):
 
 def shape_proto(dims):
   """TensorShapeProto for a dims list (None: unknown rank)."""
-  from tensorflow.core.framework import tensor_shape_pb2  # pylint: disable=g-import-not-at-top
   p = tensor_shape_pb2.TensorShapeProto()
   if dims is None:
     p.unknown_rank = True
@@ -579,16 +597,17 @@ def attr_shapes(shapes):
 
 def const_node(name, value, dtype, device=""):
   """A Const NodeDef holding numpy `value` as `dtype` (a DataType enum)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tensor = tf.make_tensor_proto(value, dtype=tf.dtypes.as_dtype(dtype))
   return make_node(name, "Const", [], {
       "dtype": attr_type(dtype),
-      "value": attr_value_pb2.AttrValue(tensor=tensor)}, device)
+      "value": attr_value_pb2.AttrValue(tensor=tensor)
+  }, device)
 
 
 def _copy_private_attrs(src, dst):
   for k, v in src.attr.items():
-    if k.startswith("_") and k not in ("_output_shapes", "_class") and k not in dst.attr:
+    if k.startswith("_") and k not in ("_output_shapes",
+                                       "_class") and k not in dst.attr:
       dst.attr[k].CopyFrom(v)
 
 
@@ -604,14 +623,16 @@ def _apply(graph, m, report, rule_unavailable):
   while changed:
     changed = False
     for name in sorted(remove):
-      outside = [c for c, _ in graph.consumers(name)
-                 if c not in remove and c != m.output]
+      outside = [
+          c for c, _ in graph.consumers(name)
+          if c not in remove and c != m.output
+      ]
       if not outside:
         continue
       if name not in m.shareable:
         who = outside[0] if outside[0] != EXTERNAL else "the graph's outputs"
-        return NoMatch("intermediate %r (%s) is also used by %r"
-                       % (name, graph.node(name).op, who))
+        return NoMatch("intermediate %r (%s) is also used by %r" %
+                       (name, graph.node(name).op, who))
       remove.discard(name)
       changed = True
   # Kept nodes must not read removed ones.
@@ -627,8 +648,7 @@ def _apply(graph, m, report, rule_unavailable):
     for s in n.input:
       src = s[1:] if s.startswith("^") else graph.parse(s).node
       if src in remove:
-        return NoMatch("the replacement would read %r, which is removed"
-                       % src)
+        return NoMatch("the replacement would read %r, which is removed" % src)
   new.device = new.device or out.device
   _copy_private_attrs(out, new)
   # Control dependencies of everything replaced move to the new node.
@@ -643,12 +663,13 @@ def _apply(graph, m, report, rule_unavailable):
       new.input.append("^" + c)
   if "_output_shapes" not in out.attr and "_output_shapes" in new.attr:
     del new.attr["_output_shapes"]  # keep the graph's convention
-  removed = [(n.name, n.op) for n in graph.nodes
+  removed = [(n.name, n.op)
+             for n in graph.nodes
              if n.name in remove or n.name == m.output]
   added = [(n.name, n.op) for n in m.extra_nodes] + [(new.name, new.op)]
   graph.replace_node(m.output, new, m.output_map, m.extra_nodes, remove)
-  report.replacements.append(Replacement(m.rule, graph.scope, new.name,
-                                         removed, added, m.detail))
+  report.replacements.append(
+      Replacement(m.rule, graph.scope, new.name, removed, added, m.detail))
   return True
 
 
@@ -664,7 +685,14 @@ def rewrite_graph(graph, rules, report, max_passes=50):
       if node is None:
         continue  # removed by an earlier replacement in this pass
       for rule in rules:
-        result = rule.match(graph, node)
+        try:
+          result = rule.match(graph, node)
+        except RewriteError:
+          raise
+        except Exception as e:
+          # A malformed node the checks let through: refuse it, visibly.
+          result = NoMatch("the rule could not read this node (%s: %s)" %
+                           (type(e).__name__, e))
         if result is None:
           continue
         if isinstance(result, Match):
@@ -673,16 +701,16 @@ def rewrite_graph(graph, rules, report, max_passes=50):
           key = (rule.name, name, result.reason)
           if key not in reported:
             reported.add(key)
-            report.skipped.append(Skip(rule.name, graph.scope, name,
-                                       result.reason))
+            report.skipped.append(
+                Skip(rule.name, graph.scope, name, result.reason))
           continue
         if result:
           any_change = True
           break
     if not any_change:
       return
-  raise RewriteError("%s: rules still matching after %d passes"
-                     % (graph.scope, max_passes))
+  raise RewriteError("%s: rules still matching after %d passes" %
+                     (graph.scope, max_passes))
 
 
 # ---------------------------------------------------------------------------
@@ -721,14 +749,18 @@ def check_library(graph_def, scope):
   names = {}
   for f in lib.function:
     if f.signature.name in names:
-      raise RewriteError("%s: the function library defines %r twice"
-                         % (scope, f.signature.name))
+      raise RewriteError("%s: the function library defines %r twice" %
+                         (scope, f.signature.name))
     names[f.signature.name] = f
-  calls = {name: sorted(set(called_functions(f.node_def, names)))
-           for name, f in names.items()}
+  calls = {
+      name: sorted(set(called_functions(f.node_def, names)))
+      for name, f in names.items()
+  }
   for name, f in names.items():
-    missing = [c for c in called_functions(f.node_def, names)
-               if c not in names and registered_op_def(c) is None]
+    missing = [
+        c for c in called_functions(f.node_def, names)
+        if c not in names and registered_op_def(c) is None
+    ]
     # An op name that is not registered and not in the library is reported
     # by the dangling-input check; function-valued attrs must resolve here.
     for c in missing:
@@ -757,8 +789,8 @@ def check_library(graph_def, scope):
         cycle = path[path.index(nxt):] + [nxt]
         raise RewriteError(
             "%s: the function library is recursive (%s); TensorFlow cannot "
-            "run such a model and it is not rewritten"
-            % (scope, " -> ".join(cycle)))
+            "run such a model and it is not rewritten" %
+            (scope, " -> ".join(cycle)))
       if not state.get(nxt):
         state[nxt] = 1
         path.append(nxt)
@@ -771,21 +803,49 @@ def check_library(graph_def, scope):
         for fn in funcs:
           if fn not in names and registered_op_def(fn) is None:
             raise RewriteError("%s: function %r node %r refers to function "
-                               "%r, which is not in the library"
-                               % (scope, name, n.name, fn))
+                               "%r, which is not in the library" %
+                               (scope, name, n.name, fn))
+
+
+def _expected_input_count(op_def, node, library_sigs):
+  """Number of data inputs the node's op takes, or None if unknown."""
+  if op_def is None:
+    sig = library_sigs.get(node.op)
+    return None if sig is None else len(sig.input_arg)
+  total = 0
+  for arg in op_def.input_arg:
+    if arg.number_attr:
+      if arg.number_attr not in node.attr:
+        return None
+      total += node.attr[arg.number_attr].i
+    elif arg.type_list_attr:
+      if arg.type_list_attr not in node.attr:
+        return None
+      total += len(node.attr[arg.type_list_attr].list.type)
+    else:
+      total += 1
+  return total
 
 
 def check_graph(graph):
-  """RewriteError on dangling inputs or unknown ops in one graph."""
+  """RewriteError on dangling inputs, unknown ops or nodes whose input
+  count does not match their op in one graph."""
   by_name = graph.by_name  # raises on duplicate names
   for n in graph.nodes:
     if not n.op:
       raise RewriteError("%s: node %r has no op" % (graph.scope, n.name))
-    if registered_op_def(n.op) is None and n.op not in graph.library_sigs:
+    op_def = registered_op_def(n.op)
+    if op_def is None and n.op not in graph.library_sigs:
       raise RewriteError(
           "%s: node %r uses op %r, which is neither registered in this "
           "process nor a library function (load the library that defines it "
           "with --load)" % (graph.scope, n.name, n.op))
+    want = _expected_input_count(op_def, n, graph.library_sigs)
+    got = sum(1 for s in n.input if not s.startswith("^"))
+    if want is not None and want != got:
+      raise RewriteError(
+          "%s: node %r (%s) has %d data inputs, its op takes %d" %
+          (graph.scope, n.name, n.op, got, want))
     for s in n.input:
       t = graph.parse(s[1:]) if s.startswith("^") else graph.parse(s)
       if s.startswith("^"):
@@ -795,16 +855,16 @@ def check_graph(graph):
       else:
         ok = t.node in by_name and (graph.flat_index(t) is not None)
       if not ok:
-        raise RewriteError("%s: node %r has a dangling input %r (no such %s)"
-                           % (graph.scope, n.name, s,
-                              "node" if s.startswith("^") or t.out else
-                              "argument or node"))
+        raise RewriteError(
+            "%s: node %r has a dangling input %r (no such %s)" %
+            (graph.scope, n.name, s,
+             "node" if s.startswith("^") or t.out else "argument or node"))
   if graph.is_function:
     for key, val in graph.fdef.ret.items():
       t = graph.parse(val)
       if (t.node not in by_name if t.out else t.node not in graph.args):
-        raise RewriteError("%s: result %r refers to %r, which does not exist"
-                           % (graph.scope, key, val))
+        raise RewriteError("%s: result %r refers to %r, which does not exist" %
+                           (graph.scope, key, val))
     for key, val in graph.fdef.control_ret.items():
       if val not in by_name:
         raise RewriteError("%s: control result %r refers to %r, which does "
@@ -838,20 +898,24 @@ def _external_refs(meta_graph):
 def _graph_shape_fallback(graph_def):
   """Static shapes from importing the GraphDef into a tf.Graph (TF1 graphs
   saved without _output_shapes); {} when it cannot be imported."""
+
   def infer():
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     try:
       g = tf.Graph()
       with g.as_default():
         tf.graph_util.import_graph_def(graph_def, name="")
       out = {}
       for op in g.get_operations():
-        out[op.name] = [None if o.shape.rank is None else
-                        [-1 if d is None else d for d in o.shape.as_list()]
-                        for o in op.outputs]
+        out[op.name] = [
+            None if o.shape.rank is None else
+            [-1 if d is None else d
+             for d in o.shape.as_list()]
+            for o in op.outputs
+        ]
       return out
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
       return {}
+
   return infer
 
 
@@ -894,21 +958,19 @@ def _import_problem(meta_graph, functions):
   """TensorFlow's error importing the graph and `functions` into a fresh
   tf.Graph (which checks every node against its OpDef and runs the shape
   functions), or None."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tensorflow.python.framework import function_def_to_graph  # pylint: disable=g-import-not-at-top
   gd = meta_graph.graph_def
   g = tf.Graph()
   try:
     with g.as_default():
       tf.graph_util.import_graph_def(gd, name="")
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     return "the graph does not import: %s" % e
   lib = {f.signature.name: f for f in gd.library.function}
   for name in sorted(functions):
     try:
       with g.as_default():
         function_def_to_graph.function_def_to_graph(lib[name])
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       return "function %r does not import: %s" % (name, e)
   return None
 
@@ -923,8 +985,8 @@ def validate_rewritten(original, rewritten, changed_functions, scope, report):
     report.notes.append("%s: not validated, because the original does not "
                         "import in this process either (%s)" % (scope, problem))
     return
-  raise RewriteError("%s: the rewritten model is invalid, nothing written: %s"
-                     % (scope, problem))
+  raise RewriteError("%s: the rewritten model is invalid, nothing written: %s" %
+                     (scope, problem))
 
 
 # ---------------------------------------------------------------------------
@@ -950,12 +1012,17 @@ def rewrite_meta_graph_in_place(meta_graph, rules, label="", validate=True):
   check_library(gd, prefix + "library")
   sigs = {f.signature.name: f.signature for f in gd.library.function}
   before_ops = used_ops(gd)
-  top = Graph(prefix + "graph", gd.node, external=_external_refs(meta_graph),
-              library_sigs=sigs, shape_fallback=_graph_shape_fallback(gd))
+  top = Graph(prefix + "graph",
+              gd.node,
+              external=_external_refs(meta_graph),
+              library_sigs=sigs,
+              shape_fallback=_graph_shape_fallback(gd))
   graphs = [top] + [
-      Graph(prefix + "function " + f.signature.name, f.node_def, fdef=f,
-            library_sigs=sigs)
-      for f in gd.library.function]
+      Graph(prefix + "function " + f.signature.name,
+            f.node_def,
+            fdef=f,
+            library_sigs=sigs) for f in gd.library.function
+  ]
   for g in graphs:
     check_graph(g)
   changed_functions = []
@@ -967,15 +1034,15 @@ def rewrite_meta_graph_in_place(meta_graph, rules, label="", validate=True):
   if report.replacements:
     update_stripped_op_list(meta_graph, before_ops)
     if validate:
-      validate_rewritten(original, meta_graph, changed_functions,
-                         prefix or "model", report)
+      validate_rewritten(original, meta_graph, changed_functions, prefix or
+                         "model", report)
   return report
 
 
 def rewrite_meta_graph(meta_graph_def, rules=None, validate=True):
   """Returns (rewritten copy of meta_graph_def, Report). The argument is not
   modified."""
-  from hpc_ops.rewrite import rules as rules_lib  # pylint: disable=g-import-not-at-top
+  from hpc_ops.rewrite import rules as rules_lib
   rule_objs = rules_lib.resolve(rules)
   out = meta_graph_pb2.MetaGraphDef()
   out.CopyFrom(meta_graph_def)
@@ -991,15 +1058,15 @@ def rewrite_meta_graph(meta_graph_def, rules=None, validate=True):
 def _parse(proto, data, path, text):
   try:
     if text:
-      text_format.Parse(data.decode("utf-8") if isinstance(data, bytes) else data,
-                        proto)
+      text_format.Parse(
+          data.decode("utf-8") if isinstance(data, bytes) else data, proto)
     else:
       proto.ParseFromString(data)
   except (_pb_message.DecodeError, text_format.ParseError, UnicodeDecodeError,
           ValueError) as e:
-    raise RewriteError("%s is not a valid %s protobuf (%s): %s"
-                       % (path, proto.DESCRIPTOR.name,
-                          "text" if text else "binary", e)) from e
+    raise RewriteError(
+        "%s is not a valid %s protobuf (%s): %s" %
+        (path, proto.DESCRIPTOR.name, "text" if text else "binary", e)) from e
   return proto
 
 
@@ -1016,8 +1083,8 @@ def read_saved_model(src_dir):
       if not sm.meta_graphs:
         raise RewriteError("%s holds no MetaGraphDef" % path)
       return sm, fname, text
-  raise RewriteError("%s is not a SavedModel: it has neither %s nor %s"
-                     % (src_dir, SAVED_MODEL_PB, SAVED_MODEL_PBTXT))
+  raise RewriteError("%s is not a SavedModel: it has neither %s nor %s" %
+                     (src_dir, SAVED_MODEL_PB, SAVED_MODEL_PBTXT))
 
 
 def read_meta_graph_file(path):
@@ -1051,8 +1118,13 @@ def _check_dst(src, dst):
                        "another path)" % dst)
 
 
-def rewrite_saved_model(src_dir, dst_dir, rules=None, verify=0, dry_run=False,
-                        validate=True, seed=0):
+def rewrite_saved_model(src_dir,
+                        dst_dir,
+                        rules=None,
+                        verify=0,
+                        dry_run=False,
+                        validate=True,
+                        seed=0):
   """Rewrites the SavedModel in `src_dir` into `dst_dir` (which must not
   exist, or be empty). Every meta graph is rewritten; variables/, assets/
   and any other file are copied untouched; fingerprint.pb is recomputed.
@@ -1060,7 +1132,7 @@ def rewrite_saved_model(src_dir, dst_dir, rules=None, verify=0, dry_run=False,
   a fresh process before dst_dir is created; a mismatch leaves dst_dir
   absent. dry_run: report only, write nothing (verify then uses a
   temporary copy). Returns the Report."""
-  from hpc_ops.rewrite import rules as rules_lib  # pylint: disable=g-import-not-at-top
+  from hpc_ops.rewrite import rules as rules_lib
   rule_objs = rules_lib.resolve(rules)
   sm, fname, text = read_saved_model(src_dir)
   if not dry_run:
@@ -1086,12 +1158,13 @@ def rewrite_saved_model(src_dir, dst_dir, rules=None, verify=0, dry_run=False,
     if os.path.exists(os.path.join(src_dir, FINGERPRINT_PB)):
       _write_fingerprint(src_dir, out_dir, report.changed)
     if verify:
-      from hpc_ops.rewrite import verify as verify_lib  # pylint: disable=g-import-not-at-top
-      report.verification = verify_lib.verify_saved_models(
-          src_dir, out_dir, verify, seed=seed)
+      from hpc_ops.rewrite import verify as verify_lib
+      report.verification = verify_lib.verify_saved_models(src_dir,
+                                                           out_dir,
+                                                           verify,
+                                                           seed=seed)
       if not report.verification["ok"]:
-        report.notes.append("verification failed: %s was not written"
-                            % dst_dir)
+        report.notes.append("verification failed: %s was not written" % dst_dir)
         return report
     if not dry_run:
       if os.path.isdir(dst_dir):
@@ -1103,8 +1176,10 @@ def rewrite_saved_model(src_dir, dst_dir, rules=None, verify=0, dry_run=False,
 
 
 def _copy_tree(src, dst, skip):
+
   def ignore(d, names):
     return [n for n in names if os.path.samefile(d, src) and n in skip]
+
   shutil.copytree(src, dst, ignore=ignore)
 
 
@@ -1114,9 +1189,9 @@ def _write_fingerprint(src_dir, out_dir, changed):
     shutil.copy2(os.path.join(src_dir, FINGERPRINT_PB), dst)
     return
   try:
-    from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting  # pylint: disable=g-import-not-at-top
+    from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
     data = fingerprinting.CreateFingerprintDef(out_dir)
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     return  # fingerprints are optional; a stale one would be worse
   with open(dst, "wb") as f:
     f.write(data)
@@ -1125,7 +1200,7 @@ def _write_fingerprint(src_dir, out_dir, changed):
 def rewrite_meta_graph_file(src, dst, rules=None, dry_run=False, validate=True):
   """Rewrites a standalone MetaGraphDef file (.meta binary or .pbtxt text);
   the output keeps the input's format. Returns the Report."""
-  from hpc_ops.rewrite import rules as rules_lib  # pylint: disable=g-import-not-at-top
+  from hpc_ops.rewrite import rules as rules_lib
   rule_objs = rules_lib.resolve(rules)
   mg, text = read_meta_graph_file(src)
   if not dry_run:

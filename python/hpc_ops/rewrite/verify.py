@@ -12,6 +12,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import tensorflow as tf
+
 # dtype name -> (rtol, atol). The rewritten ops compute the same math with
 # another summation order (and float32 statistics for 16-bit inputs), so
 # results agree to a few units in the last place of the output type.
@@ -30,35 +33,56 @@ def verify_saved_models(original, rewritten, n, seed=0, timeout=1200):
   """Returns a JSON-able dict: {"ok": bool, "signatures": [...],
   "error": str or None}."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  cmd = [sys.executable, "-m", "hpc_ops.rewrite.verify", original, rewritten,
-         str(int(n)), "--seed", str(int(seed))]
+  cmd = [
+      sys.executable, "-m", "hpc_ops.rewrite.verify", original, rewritten,
+      str(int(n)), "--seed",
+      str(int(seed))
+  ]
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+    proc = subprocess.run(cmd,
+                          capture_output=True,
+                          text=True,
+                          env=env,
                           timeout=timeout)
   except subprocess.TimeoutExpired:
-    return {"ok": False, "batches": n, "signatures": [],
-            "error": "verification timed out after %d s" % timeout}
+    return {
+        "ok": False,
+        "batches": n,
+        "signatures": [],
+        "error": "verification timed out after %d s" % timeout
+    }
   for line in proc.stdout.splitlines():
     if line.startswith(_MARK):
       return json.loads(line[len(_MARK):])
-  return {"ok": False, "batches": n, "signatures": [],
-          "error": "the verification process failed (rc=%d): %s"
-                   % (proc.returncode, proc.stderr.strip()[-2000:])}
+  return {
+      "ok":
+          False,
+      "batches":
+          n,
+      "signatures": [],
+      "error":
+          "the verification process failed (rc=%d): %s" %
+          (proc.returncode, proc.stderr.strip()[-2000:])
+  }
 
 
 def format_result(res):
   """Report lines for a verify_saved_models result."""
-  lines = ["verification (%s random batches per signature): %s"
-           % (res.get("batches"), "PASSED" if res["ok"] else "FAILED")]
+  lines = [
+      "verification (%s random batches per signature): %s" %
+      (res.get("batches"), "PASSED" if res["ok"] else "FAILED")
+  ]
   if res.get("error"):
     lines.append("  error: " + res["error"])
   for sig in res.get("signatures", []):
-    lines.append("  signature %r (%s): %s" % (
-        sig["name"], sig["meta_graph"], "ok" if sig["ok"] else "MISMATCH"))
+    lines.append(
+        "  signature %r (%s): %s" %
+        (sig["name"], sig["meta_graph"], "ok" if sig["ok"] else "MISMATCH"))
     for out in sig.get("outputs", []):
-      lines.append("    %s %s: max |diff| %.3g (rtol %g, atol %g)%s" % (
-          out["name"], out["dtype"], out["max_abs_diff"], out["rtol"],
-          out["atol"], "" if out["ok"] else "  <-- " + out.get("why", "")))
+      lines.append(
+          "    %s %s: max |diff| %.3g (rtol %g, atol %g)%s" %
+          (out["name"], out["dtype"], out["max_abs_diff"], out["rtol"],
+           out["atol"], "" if out["ok"] else "  <-- " + out.get("why", "")))
     for note in sig.get("notes", []):
       lines.append("    " + note)
   return lines
@@ -70,8 +94,6 @@ def format_result(res):
 
 
 def _random_value(spec, rng, batch):
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   shape = []
   dims = spec.shape.as_list() if spec.shape.rank is not None else [None]
   for i, d in enumerate(dims):
@@ -92,13 +114,20 @@ def _random_value(spec, rng, batch):
 
 
 def _compare(name, a, b):
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  out = {"name": name, "dtype": a.dtype.name, "max_abs_diff": 0.0,
-         "rtol": 0.0, "atol": 0.0, "ok": True}
+  out = {
+      "name": name,
+      "dtype": a.dtype.name,
+      "max_abs_diff": 0.0,
+      "rtol": 0.0,
+      "atol": 0.0,
+      "ok": True
+  }
   if a.dtype != b.dtype or a.shape != b.shape:
-    out.update(ok=False, max_abs_diff=float("inf"),
-               why="dtype/shape %s%s vs %s%s" % (a.dtype.name, a.shape.as_list(),
-                                                 b.dtype.name, b.shape.as_list()))
+    out.update(
+        ok=False,
+        max_abs_diff=float("inf"),
+        why="dtype/shape %s%s vs %s%s" %
+        (a.dtype.name, a.shape.as_list(), b.dtype.name, b.shape.as_list()))
     return out
   an, bn = a.numpy(), b.numpy()
   if a.dtype.is_floating or a.dtype.is_complex:
@@ -114,8 +143,9 @@ def _compare(name, a, b):
                                      bn[~finite & ~np.isnan(bn)])
     ok = ok and np.allclose(an[finite], bn[finite], rtol=rtol, atol=atol)
     if not ok:
-      out.update(ok=False, why="outside tolerance" if same_nan else
-                 "NaN positions differ")
+      out.update(
+          ok=False,
+          why="outside tolerance" if same_nan else "NaN positions differ")
     return out
   if not np.array_equal(an, bn):
     out.update(ok=False, max_abs_diff=float("nan"), why="values differ")
@@ -123,15 +153,14 @@ def _compare(name, a, b):
 
 
 def _run(original, rewritten, n, seed):
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from hpc_ops.rewrite import core  # pylint: disable=g-import-not-at-top
+  from hpc_ops.rewrite import core
   failed = core.load_hpc_ops_libraries()
   sm, _, _ = core.read_saved_model(original)
   result = {"ok": True, "batches": n, "signatures": [], "error": None}
   if failed:
-    result["notes"] = ["op library not loaded: %s: %s" % kv
-                       for kv in sorted(failed.items())]
+    result["notes"] = [
+        "op library not loaded: %s: %s" % kv for kv in sorted(failed.items())
+    ]
   any_sig = False
   for mg in sm.meta_graphs:
     tags = list(mg.meta_info_def.tags) or None
@@ -144,19 +173,30 @@ def _run(original, rewritten, n, seed):
       if name not in models[1].signatures:
         result["ok"] = False
         result["signatures"].append({
-            "name": name, "meta_graph": label, "ok": False, "outputs": [],
-            "notes": ["signature missing from the rewritten model"]})
+            "name": name,
+            "meta_graph": label,
+            "ok": False,
+            "outputs": [],
+            "notes": ["signature missing from the rewritten model"]
+        })
         continue
       fns = [m.signatures[name] for m in models]
       _, kwargs = fns[0].structured_input_signature
-      sig = {"name": name, "meta_graph": label, "ok": True, "outputs": [],
-             "notes": []}
+      sig = {
+          "name": name,
+          "meta_graph": label,
+          "ok": True,
+          "outputs": [],
+          "notes": []
+      }
       worst = {}
       agreed_errors = 0
       for i in range(n):
         rng = np.random.default_rng([seed, i])
         batch = int(rng.choice([1, 2, 5, 16]))
-        feed = {k: _random_value(s, rng, batch) for k, s in sorted(kwargs.items())}
+        feed = {
+            k: _random_value(s, rng, batch) for k, s in sorted(kwargs.items())
+        }
         outs, errs = [], []
         for fn in fns:
           try:
@@ -166,27 +206,30 @@ def _run(original, rewritten, n, seed):
             outs.append(None)
             errs.append(e)
         if errs[0] is not None or errs[1] is not None:
-          if (errs[0] is None) != (errs[1] is None) or type(errs[0]) is not type(errs[1]):
+          if (errs[0] is None) != (errs[1] is None) or type(
+              errs[0]) is not type(errs[1]):
             sig["ok"] = False
-            sig["notes"].append("batch %d: original %s, rewritten %s" % (
-                i, _err(errs[0]), _err(errs[1])))
+            sig["notes"].append("batch %d: original %s, rewritten %s" %
+                                (i, _err(errs[0]), _err(errs[1])))
           else:
             agreed_errors += 1
           continue
         for key in sorted(outs[0]):
           if key not in outs[1]:
             sig["ok"] = False
-            sig["notes"].append("output %r missing from the rewritten model" % key)
+            sig["notes"].append("output %r missing from the rewritten model" %
+                                key)
             continue
           c = _compare(key, outs[0][key], outs[1][key])
           prev = worst.get(key)
           if prev is None or (prev["ok"] and not c["ok"]) or (
-              prev["ok"] == c["ok"] and c["max_abs_diff"] > prev["max_abs_diff"]):
+              prev["ok"] == c["ok"] and
+              c["max_abs_diff"] > prev["max_abs_diff"]):
             worst[key] = c
           sig["ok"] = sig["ok"] and c["ok"]
       if agreed_errors:
-        sig["notes"].append("%d batch(es) raised the same error in both models"
-                            % agreed_errors)
+        sig["notes"].append(
+            "%d batch(es) raised the same error in both models" % agreed_errors)
         if agreed_errors == n:
           sig["ok"] = False
           sig["notes"].append("no batch ran: nothing was compared")
@@ -206,7 +249,7 @@ def _err(e):
 
 
 def main(argv):
-  import argparse  # pylint: disable=g-import-not-at-top
+  import argparse
   p = argparse.ArgumentParser(prog="python -m hpc_ops.rewrite.verify")
   p.add_argument("original")
   p.add_argument("rewritten")
@@ -215,9 +258,13 @@ def main(argv):
   args = p.parse_args(argv)
   try:
     res = _run(args.original, args.rewritten, args.n, args.seed)
-  except Exception as e:  # pylint: disable=broad-except
-    res = {"ok": False, "batches": args.n, "signatures": [],
-           "error": "%s: %s" % (type(e).__name__, e)}
+  except Exception as e:
+    res = {
+        "ok": False,
+        "batches": args.n,
+        "signatures": [],
+        "error": "%s: %s" % (type(e).__name__, e)
+    }
   sys.stdout.write(_MARK + json.dumps(res) + "\n")
   return 0 if res["ok"] else 1
 

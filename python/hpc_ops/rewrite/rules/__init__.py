@@ -1,6 +1,7 @@
 """Rewrite rules: each module holds one matcher + replacer.
 
-  rms_norm  RMSNorm subgraphs (Keras 3 RMSNormalization, hand-written) -> RmsNorm
+  rms_norm  RMSNorm subgraphs (Keras 3 RMSNormalization, hand-written)
+            -> RmsNorm
   zero_out  native "keep the first element, zero the rest" -> ZeroOut
   op_map    a user-given OldOp=NewOp mapping between identical signatures
 
@@ -14,9 +15,9 @@ DEFAULT = ("rms_norm", "zero_out")
 
 
 def _by_name(name):
-  from hpc_ops.rewrite.rules import op_map  # pylint: disable=g-import-not-at-top
-  from hpc_ops.rewrite.rules import rms_norm  # pylint: disable=g-import-not-at-top
-  from hpc_ops.rewrite.rules import zero_out  # pylint: disable=g-import-not-at-top
+  from hpc_ops.rewrite.rules import op_map
+  from hpc_ops.rewrite.rules import rms_norm
+  from hpc_ops.rewrite.rules import zero_out
   if name == "rms_norm":
     return rms_norm.RmsNormRule()
   if name == "zero_out":

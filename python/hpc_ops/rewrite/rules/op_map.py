@@ -44,10 +44,11 @@ def signature_mismatch(old, new):
 
     def count(n):
       return "%d %s%s" % (n, what, "" if n == 1 else "s")
+
     if len(a) != len(b):
-      return "%s has %s (%s), %s has %s (%s)" % (
-          old.name, count(len(a)), ", ".join(map(_arg_str, a)), new.name,
-          count(len(b)), ", ".join(map(_arg_str, b)))
+      return "%s has %s (%s), %s has %s (%s)" % (old.name, count(
+          len(a)), ", ".join(map(_arg_str, a)), new.name, count(
+              len(b)), ", ".join(map(_arg_str, b)))
     for i, (x, y) in enumerate(zip(a, b)):
       if _arg_spec(x) != _arg_spec(y):
         return "%s %d is `%s` in %s but `%s` in %s" % (
@@ -81,8 +82,8 @@ class OpMapRule(core.Rule):
         raise core.RewriteError("op_map: %s maps to itself" % old)
       if new in mapping:
         raise core.RewriteError("op_map: %s=%s chains into %s=%s; give the "
-                                "final op directly" % (old, new, new,
-                                                       mapping[new]))
+                                "final op directly" %
+                                (old, new, new, mapping[new]))
     self.mapping = dict(mapping)
     self.defs = {}
     for old, new in self.mapping.items():
@@ -96,8 +97,8 @@ class OpMapRule(core.Rule):
         defs.append(od)
       why = signature_mismatch(*defs)
       if why:
-        raise core.RewriteError("op_map %s=%s: the signatures differ: %s"
-                                % (old, new, why))
+        raise core.RewriteError("op_map %s=%s: the signatures differ: %s" %
+                                (old, new, why))
       self.defs[old] = defs
     self.emits = tuple(self.mapping.values())
 
@@ -132,23 +133,28 @@ class OpMapRule(core.Rule):
       if a is None:
         del new.attr[key]  # cannot happen after the signature check
         continue
-      vals = set(a.allowed_values.list.type) if a.HasField("allowed_values") else None
+      vals = set(
+          a.allowed_values.list.type) if a.HasField("allowed_values") else None
       if vals:
-        got = ([new.attr[key].type] if a.type == "type"
-               else list(new.attr[key].list.type))
+        got = ([new.attr[key].type]
+               if a.type == "type" else list(new.attr[key].list.type))
         bad = [t for t in got if t not in vals]
         if bad:
-          return core.NoMatch("%s does not allow %s=%s" % (
-              new_def.name, key, types_pb2.DataType.Name(bad[0])))
+          return core.NoMatch(
+              "%s does not allow %s=%s" %
+              (new_def.name, key, types_pb2.DataType.Name(bad[0])))
     output_map = {}
     if g.is_function:
-      old_sizes = core._output_arg_sizes(old_def, node, {})  # pylint: disable=protected-access
-      new_sizes = core._output_arg_sizes(new_def, new, {})  # pylint: disable=protected-access
+      old_sizes = core._output_arg_sizes(old_def, node, {})
+      new_sizes = core._output_arg_sizes(new_def, new, {})
       for (oa, n), (na, _) in zip(old_sizes, new_sizes):
         for i in range(n):
           if oa != na:
             output_map[core.Tensor(node.name, "%s:%d" % (oa, i))] = \
                 core.Tensor(node.name, "%s:%d" % (na, i))
-    return core.Match(rule=self.name, output=node.name, new_node=new,
-                      output_map=output_map, interior=[],
+    return core.Match(rule=self.name,
+                      output=node.name,
+                      new_node=new,
+                      output_map=output_map,
+                      interior=[],
                       detail="%s -> %s" % (old_def.name, new_def.name))

@@ -38,8 +38,12 @@ from hpc_ops.rewrite import core
 OP = "RmsNorm"
 FLOATS = (types_pb2.DT_HALF, types_pb2.DT_BFLOAT16, types_pb2.DT_FLOAT,
           types_pb2.DT_DOUBLE)
-_DTYPE_NAMES = {types_pb2.DT_HALF: "half", types_pb2.DT_BFLOAT16: "bfloat16",
-                types_pb2.DT_FLOAT: "float", types_pb2.DT_DOUBLE: "double"}
+_DTYPE_NAMES = {
+    types_pb2.DT_HALF: "half",
+    types_pb2.DT_BFLOAT16: "bfloat16",
+    types_pb2.DT_FLOAT: "float",
+    types_pb2.DT_DOUBLE: "double"
+}
 
 
 def dtype_name(dt):
@@ -142,7 +146,8 @@ class RmsNormRule(core.Rule):
       if c.op == "Rsqrt":
         inv = c
       elif c.op == "Pow" and g.inputs(c)[0] == add_t and _is_const(
-          g, g.inputs(c)[1], -0.5):
+          g,
+          g.inputs(c)[1], -0.5):
         inv = c
         consts(g.inputs(c)[1])
       elif c.op == "Sqrt":
@@ -170,8 +175,8 @@ class RmsNormRule(core.Rule):
                           "axis" % axes)
     if axes[0] != -1 and (rank is None or axes[0] != rank - 1):
       return core.NoMatch(
-          "the reduction axis %d is not the last axis (rank %s)"
-          % (axes[0], "unknown" if rank is None else rank))
+          "the reduction axis %d is not the last axis (rank %s)" %
+          (axes[0], "unknown" if rank is None else rank))
     normalise = gamma_first = None
     if rms is not None:
       interior.append(rms.name)
@@ -228,18 +233,19 @@ class RmsNormRule(core.Rule):
       if src is not None and src.op in ("Const", "Identity") and \
           g.const_producers(eps_t) and \
           g.node(g.const_producers(eps_t)[-1]).op == "Const":
-        return core.NoMatch("epsilon %r is not a readable scalar constant"
-                            % g.ref(eps_t))
-      return core.NoMatch("epsilon is not a constant (it is %r, %s)" % (
-          g.ref(eps_t), "a %s" % src.op if src is not None else
-          "a function argument"))
-    if eps.size != 1 or eps.dtype.kind != "f" or (
-        eps.ndim > (rank if rank is not None else 1)):
+        return core.NoMatch("epsilon %r is not a readable scalar constant" %
+                            g.ref(eps_t))
+      return core.NoMatch(
+          "epsilon is not a constant (it is %r, %s)" %
+          (g.ref(eps_t),
+           "a %s" % src.op if src is not None else "a function argument"))
+    if eps.size != 1 or eps.dtype.kind != "f" or (eps.ndim > (
+        rank if rank is not None else 1)):
       return core.NoMatch("epsilon %r is not a scalar" % g.ref(eps_t))
     eps = float(eps.reshape(-1)[0])
     if not np.isfinite(eps) or eps <= 0.0:
-      return core.NoMatch("epsilon is %r; RmsNorm needs a finite epsilon > 0"
-                          % eps)
+      return core.NoMatch("epsilon is %r; RmsNorm needs a finite epsilon > 0" %
+                          eps)
     consts(eps_t)
 
     # The tail: an optional Cast back to x's dtype and the gamma Mul.
@@ -248,8 +254,7 @@ class RmsNormRule(core.Rule):
     if (xs_node is not None and xs_node.op == "Cast" and
         g.attr_type(xs_node, "DstT") == cdt and
         g.attr_type(xs_node, "SrcT") in FLOATS and
-        g.attr_type(xs_node, "SrcT") != cdt and
-        not g.control_inputs(xs_node)):
+        g.attr_type(xs_node, "SrcT") != cdt and not g.control_inputs(xs_node)):
       narrow = g.attr_type(xs_node, "SrcT")
     out = n_node
     out_t = g.output(n_node)
@@ -267,8 +272,7 @@ class RmsNormRule(core.Rule):
           g.attr_type(c, "SrcT") == cur and g.attr_type(c, "DstT") == narrow):
         cast_back = c
         cur = narrow
-      elif (c.op == "Mul" and gamma is None and
-            g.attr_type(c, "T") == cur and
+      elif (c.op == "Mul" and gamma is None and g.attr_type(c, "T") == cur and
             _gamma_ok(g, _other(g, c, out_t), depth)):
         gamma = (_other(g, c, out_t), cur)
       else:
@@ -300,41 +304,50 @@ class RmsNormRule(core.Rule):
         gnode = g.producer(gamma_t)
         if (gnode is not None and gnode.op == "Cast" and
             g.attr_type(gnode, "SrcT") == tdt and
-            g.attr_type(gnode, "DstT") == gdt and
-            not g.control_inputs(gnode)):
+            g.attr_type(gnode, "DstT") == gdt and not g.control_inputs(gnode)):
           interior.append(gnode.name)
           shareable.add(gnode.name)
           gamma_t = g.inputs(gnode)[0]
           gamma_desc = repr(g.ref(gamma_t))
         else:
           cast = core.make_node(
-              g.unique_name(out.name + "/gamma_cast"), "Cast",
-              [g.ref(gamma_t)], {"SrcT": core.attr_type(gdt),
-                                 "DstT": core.attr_type(tdt),
-                                 "Truncate": core.attr_value_pb2.AttrValue(
-                                     b=False)}, device)
+              g.unique_name(out.name + "/gamma_cast"), "Cast", [g.ref(gamma_t)],
+              {
+                  "SrcT": core.attr_type(gdt),
+                  "DstT": core.attr_type(tdt),
+                  "Truncate": core.attr_value_pb2.AttrValue(b=False)
+              }, device)
           extra.append(cast)
           gamma_t = core.new_output(g, cast)
           gamma_desc += " cast to %s" % dtype_name(tdt)
 
-    udt = types_pb2.DT_DOUBLE if tdt == types_pb2.DT_DOUBLE else types_pb2.DT_FLOAT
+    udt = (types_pb2.DT_DOUBLE
+           if tdt == types_pb2.DT_DOUBLE else types_pb2.DT_FLOAT)
     yshape = g.shape(x)
     if yshape is None:
       yshape = g.shape(out_t)
-    new = core.make_node(out.name, OP, [g.ref(x), g.ref(gamma_t)], {
-        "T": core.attr_type(tdt),
-        "U": core.attr_type(udt),
-        "epsilon": core.attr_float(eps),
-        "_output_shapes": core.attr_shapes(
-            [yshape, None if yshape is None else yshape[:-1]]),
-    }, device)
+    new = core.make_node(
+        out.name, OP, [g.ref(x), g.ref(gamma_t)], {
+            "T":
+                core.attr_type(tdt),
+            "U":
+                core.attr_type(udt),
+            "epsilon":
+                core.attr_float(eps),
+            "_output_shapes":
+                core.attr_shapes(
+                    [yshape, None if yshape is None else yshape[:-1]]),
+        }, device)
     new_out = core.new_output(g, new, 0, default_arg="y")
-    return core.Match(
-        rule=self.name, output=out.name, new_node=new,
-        output_map={out_t: new_out}, interior=interior, shareable=shareable,
-        extra_nodes=extra,
-        detail="RmsNorm(T=%s, epsilon=%g) of %r, gamma %s" % (
-            dtype_name(tdt), eps, g.ref(x), gamma_desc))
+    return core.Match(rule=self.name,
+                      output=out.name,
+                      new_node=new,
+                      output_map={out_t: new_out},
+                      interior=interior,
+                      shareable=shareable,
+                      extra_nodes=extra,
+                      detail="RmsNorm(T=%s, epsilon=%g) of %r, gamma %s" %
+                      (dtype_name(tdt), eps, g.ref(x), gamma_desc))
 
 
 def _gamma_ok(g, t, depth):

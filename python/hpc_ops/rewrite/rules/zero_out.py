@@ -44,8 +44,9 @@ def _slice(g, node, x):
   ins = g.inputs(node)
   if len(ins) != 4 or ins[0] != x:
     return None
-  if any(_int_attr(node, k) for k in ("ellipsis_mask", "new_axis_mask",
-                                      "shrink_axis_mask")):
+  if any(
+      _int_attr(node, k)
+      for k in ("ellipsis_mask", "new_axis_mask", "shrink_axis_mask")):
     return None
   b, e, s = (_const_list(g, t) for t in ins[1:])
   if b is None or e is None or s is None or s[0] != [1]:
@@ -77,19 +78,22 @@ class ZeroOutRule(core.Rule):
     x, interior, shareable, kind = found
     dt = g.attr_type(node, "T")
     if dt not in SUPPORTED:
-      return core.NoMatch("ZeroOut does not support %s"
-                          % types_pb2.DataType.Name(dt))
+      return core.NoMatch("ZeroOut does not support %s" %
+                          types_pb2.DataType.Name(dt))
     xshape = g.shape(x)
     new = core.make_node(node.name, OP, [g.ref(x)], {
         "T": core.attr_type(dt),
         "_output_shapes": core.attr_shapes([xshape]),
     }, node.device)
     return core.Match(
-        rule=self.name, output=node.name, new_node=new,
+        rule=self.name,
+        output=node.name,
+        new_node=new,
         output_map={g.output(node): core.new_output(g, new, 0, "zeroed")},
-        interior=interior, shareable=shareable,
-        detail="ZeroOut(T=%s) of %r (%s pattern)" % (
-            types_pb2.DataType.Name(dt)[3:].lower(), g.ref(x), kind))
+        interior=interior,
+        shareable=shareable,
+        detail="ZeroOut(T=%s) of %r (%s pattern)" %
+        (types_pb2.DataType.Name(dt)[3:].lower(), g.ref(x), kind))
 
   # -- patterns ----------------------------------------------------------------
 
@@ -155,8 +159,9 @@ class ZeroOutRule(core.Rule):
       names = self._one_hot_first(g, oh_t, (x, flat_t))
       if names is None or not self._shape_of(g, ins[1], x):
         continue
-      interior = ([mul.name, flat.name, g.producer(ins[1]).name] + names +
-                  g.const_producers(shape_t))
+      interior = (
+          [mul.name, flat.name, g.producer(ins[1]).name] + names +
+          g.const_producers(shape_t))
       shareable = set(interior) - {mul.name, g.producer(oh_t).name}
       return x, interior, shareable, "flat mask"
     return None
@@ -166,7 +171,8 @@ class ZeroOutRule(core.Rule):
     if len(ins) != 3 or _int_attr(cc, "N") not in (0, 2):
       return None
     axis = g.const_value(ins[2])
-    if axis is None or axis.size != 1 or int(axis.reshape(-1)[0]) not in (0, -1):
+    if axis is None or axis.size != 1 or int(
+        axis.reshape(-1)[0]) not in (0, -1):
       return None
     head = g.producer(ins[0])
     if head is None or head.op != "StridedSlice":
