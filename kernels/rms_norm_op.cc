@@ -163,6 +163,8 @@ void RmsNormRows(const T* x, const T* gamma, StatOf<T> epsilon, T* y,
   for (int64_t r = begin; r < end; ++r) {
     const T* xr = x + r * cols;
     T* yr = y + r * cols;
+    // While this row is scaled from L1, the next one streams into L2.
+    const T* xn = r + 1 < end ? xr + cols : xr;
     const S mean_square = SumOfSquares(xr, cols) / static_cast<S>(cols);
     const S inv = S(1) / std::sqrt(mean_square + epsilon);
     inv_rms[r] = inv;
@@ -170,6 +172,7 @@ void RmsNormRows(const T* x, const T* gamma, StatOf<T> epsilon, T* y,
     ForEachInRow<kStream>(
         yr, cols,
         [&](int64_t j) {
+          rms_norm_simd::PrefetchL2(xn + j);
           Put<kStream>(yr + j,
                        Mul(Mul(Io::Load(xr + j), vinv), Io::Load(gamma + j)));
         },
@@ -195,6 +198,9 @@ void RmsNormGradRows(const T* dy, const T* x, const T* gamma,
     const T* dyr = dy + r * cols;
     const T* xr = x + r * cols;
     T* dxr = dx + r * cols;
+    // The next rows stream into L2 while this one is finished from cache.
+    const T* dyn = r + 1 < end ? dyr + cols : dyr;
+    const T* xn = r + 1 < end ? xr + cols : xr;
     const S inv = inv_rms[r];
     // dx = inv * gamma * dy - x * inv^3 * mean(dy * gamma * x). Multiplied
     // left to right so a zero row gives 0, not 0 * inf, for a huge inv.
@@ -205,6 +211,8 @@ void RmsNormGradRows(const T* dy, const T* x, const T* gamma,
     ForEachInRow<kStream>(
         dxr, cols,
         [&](int64_t j) {
+          rms_norm_simd::PrefetchL2(dyn + j);
+          rms_norm_simd::PrefetchL2(xn + j);
           const V d = Io::Load(dyr + j);
           const V xv = Io::Load(xr + j);
           const V g = Io::Load(gamma + j);
