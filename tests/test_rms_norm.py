@@ -93,6 +93,21 @@ def test_equals_composite_eager_and_tf_function(dtype):
   np.testing.assert_array_equal(ours_fn.numpy(), ours_eager.numpy())
 
 
+def test_gamma_is_cast_to_x_dtype_and_gets_its_gradient():
+  x, _ = random_pair((4, 16), tf.bfloat16, seed=7)
+  gamma = tf.Variable(np.linspace(0.5, 1.5, 16), dtype=tf.float32)
+  with tf.GradientTape() as tape:
+    y = hpc_ops.rms_norm(x, gamma)
+    loss = tf.reduce_sum(tf.cast(y, tf.float32))
+  assert y.dtype == tf.bfloat16
+  want_y = reference(x, tf.cast(gamma, tf.bfloat16))[0]
+  np.testing.assert_allclose(to64(y), want_y, rtol=1e-2, atol=1e-2)
+  dgamma = tape.gradient(loss, gamma)
+  assert dgamma.dtype == tf.float32
+  want = np.sum(reference(x, tf.ones([16], tf.bfloat16))[0], axis=0)
+  np.testing.assert_allclose(dgamma.numpy(), want, rtol=2e-2, atol=2e-2)
+
+
 def test_epsilon_is_used():
   x = tf.constant([[1e-3, -1e-3, 2e-3]], tf.float64)
   gamma = tf.ones([3], tf.float64)

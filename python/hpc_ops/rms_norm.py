@@ -28,7 +28,8 @@ def rms_norm(x, gamma, epsilon=1e-6, name=None):
   Args:
     x: a float16, bfloat16, float32 or float64 tensor of rank >= 1 whose last
       dimension H is not empty.
-    gamma: the scale, shape [H], converted to x's dtype.
+    gamma: the scale, shape [H]; cast to x's dtype if it differs (so a
+      float32 variable can scale float16 or bfloat16 activations).
     epsilon: added to the mean square before the square root; > 0.
     name: an optional name for the op.
 
@@ -46,7 +47,9 @@ def rms_norm(x, gamma, epsilon=1e-6, name=None):
     if x.dtype not in _SUPPORTED:
       raise TypeError("hpc_ops.rms_norm: x must be float16, bfloat16, float32 "
                       "or float64, got %s" % x.dtype.name)
-    gamma = tf.convert_to_tensor(gamma, dtype=x.dtype)
+    gamma = tf.convert_to_tensor(gamma)
+    if gamma.dtype != x.dtype:
+      gamma = tf.cast(gamma, x.dtype)
     y, _ = gen_rms_norm_ops.rms_norm(x, gamma, U=_stat_dtype(x.dtype),
                                      epsilon=epsilon)
     return y
