@@ -421,7 +421,8 @@ def test_bad_forward_inputs_are_clean_errors(case, graph):
                        match=re.escape(fragment)):
       tf.function(lambda: gen_rms_norm_ops.rms_norm(x, gamma, **kwargs))()
   else:
-    with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(fragment)):
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=re.escape(fragment)):
       gen_rms_norm_ops.rms_norm(x, gamma, **kwargs)
 
 
@@ -460,7 +461,8 @@ def test_bad_gradient_inputs_are_clean_errors(case, graph):
       tf.function(lambda: gen_rms_norm_ops.rms_norm_grad(
           dy=dy, x=x, gamma=gamma, inv_rms=inv_rms))()
   else:
-    with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(fragment)):
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=re.escape(fragment)):
       gen_rms_norm_ops.rms_norm_grad(dy=dy, x=x, gamma=gamma, inv_rms=inv_rms)
 
 
@@ -505,8 +507,9 @@ def test_layer_matches_keras_rms_normalization(axis):
     tape.watch(x)
     lo = tf.reduce_sum(tf.sin(ours(x)))
     lt = tf.reduce_sum(tf.sin(theirs(x)))
-  for a, b in [(tape.gradient(lo, x), tape.gradient(lt, x)),
-               (tape.gradient(lo, ours.scale), tape.gradient(lt, theirs.scale))]:
+  pairs = [(tape.gradient(lo, x), tape.gradient(lt, x)),
+           (tape.gradient(lo, ours.scale), tape.gradient(lt, theirs.scale))]
+  for a, b in pairs:
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
 
 

@@ -104,7 +104,8 @@ def _rms_norm_grad_grad(op, a, b):
     d/d dy[j] = r * g[j] * a[j] - (r^3 / H) * A * g[j] * x[j] + r * b[j] * x[j]
     d/d x[j]  = -(r^3 / H) * (a[j] * S + A * g[j] * dy[j]) + r * b[j] * dy[j]
     d/d g[j]  = sum over rows of r * a[j] * dy[j] - (r^3 / H) * A * dy[j] * x[j]
-    d/d r     = sum_j a[j] g[j] dy[j] - (3 r^2 / H) * S * A + sum_j b[j] dy[j] x[j]
+    d/d r     = sum_j a[j] g[j] dy[j] - (3 r^2 / H) * S * A
+                + sum_j b[j] dy[j] x[j]
   computed in the statistics type U."""
   dy, x, gamma, inv_rms = op.inputs
   t, u = x.dtype, inv_rms.dtype
