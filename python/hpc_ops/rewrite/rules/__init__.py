@@ -5,8 +5,9 @@
   zero_out  native "keep the first element, zero the rest" -> ZeroOut
   op_map    a user-given OldOp=NewOp mapping between identical signatures
 
-(An `embedding` rule, ResourceGather -> SparseTablePull, waits for the
-sparse table op family.)
+An `embedding` rule (ResourceGather on a variable -> SparseTablePull on a
+table holding the variable's rows) is not implemented: it needs a new
+tracked table resource in the SavedModel's object graph.
 """
 from hpc_ops.rewrite.core import RewriteError
 from hpc_ops.rewrite.core import Rule
@@ -25,8 +26,10 @@ def _by_name(name):
   if name.startswith("op_map:") or name.startswith("op_map="):
     return op_map.OpMapRule.from_string(name[len("op_map:"):])
   if name == "embedding":
-    raise RewriteError("the embedding rule is not available yet: it needs the "
-                       "sparse table op family (SparseTablePull)")
+    raise RewriteError(
+        "the embedding rule is not implemented yet (ResourceGather -> "
+        "SparseTablePull needs a new tracked table resource in the "
+        "SavedModel, see docs/rewrite.md)")
   raise RewriteError("unknown rule %r (known: rms_norm, zero_out, "
                      "op_map:OldOp=NewOp[,OldOp2=NewOp2])" % name)
 
