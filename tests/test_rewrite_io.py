@@ -404,3 +404,24 @@ def test_random_damage_gives_an_error_or_a_valid_rewrite(small):
       continue
     outcomes["rewritten" if report.changed else "unchanged"] += 1
   assert outcomes["error"] > 0 and outcomes["rewritten"] > 0, outcomes
+
+
+def test_every_meta_graph_of_a_tf1_saved_model(tmp_path):
+  """A TF1 SavedModel with two tag sets: both meta graphs are rewritten and
+  the report names each."""
+  g, x, outs = rm.tf1_graph()
+  path = str(tmp_path / "two")
+  with g.as_default(), tf.compat.v1.Session(graph=g) as sess:
+    sess.run(tf.compat.v1.global_variables_initializer())
+    b = tf.compat.v1.saved_model.Builder(path)
+    sig = tf.compat.v1.saved_model.predict_signature_def({"x": x}, outs)
+    b.add_meta_graph_and_variables(sess, ["serve"],
+                                   signature_def_map={"serving_default": sig})
+    b.add_meta_graph(["eval"], signature_def_map={"serving_default": sig})
+    b.save()
+  dst = str(tmp_path / "two_out")
+  report = rewrite.rewrite_saved_model(path, dst)
+  scopes = sorted({r.scope for r in report.replacements})
+  assert scopes == ["meta_graph[eval] graph", "meta_graph[serve] graph"]
+  for mg in rm.load_saved_model_proto(dst).meta_graphs:
+    assert rm.all_ops(mg).get("RmsNorm") == 1, mg.meta_info_def.tags

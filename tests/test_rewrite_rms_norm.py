@@ -238,3 +238,22 @@ def test_meta_graph_file(tmp, as_text):
         results.append(sess.run(["y:0", "z:0"], {"x:0": x}))
   np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+def test_keras_layer_norm_rms_scaling_is_not_rms_norm(tmp):
+  """LayerNormalization(rms_scaling=True) divides by the variance (Keras
+  warns about it), which is not RMSNorm: reported, not rewritten."""
+  import keras
+  import warnings
+  inp = keras.Input((rm.H,))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    out = keras.layers.LayerNormalization(rms_scaling=True)(inp)
+    path = str(tmp / "layer_norm")
+    keras.Model(inp, out).export(path, verbose=False)
+  mg, report = rewrite.rewrite_meta_graph(
+      rm.load_saved_model_proto(path).meta_graphs[0])
+  assert not report.replacements
+  (skip,) = report.skipped
+  assert "not the squared input" in skip.reason
+  assert "reduce_variance/sub" in skip.reason
