@@ -1,0 +1,292 @@
+"""Data-parallel training across processes with hpc_ops' MPI collectives.
+
+Start N copies of a script with `python -m hpc_ops.run -np N script.py`
+(or plain mpirun, see hpc_ops.run); without a launcher everything works as a
+job of one process.
+
+    import hpc_ops.distributed as hd
+    hd.init()
+    ds = ds.shard(hd.size(), hd.rank())
+
+    # Custom loop
+    with tf.GradientTape() as tape:
+      loss = ...
+    tape = hd.DistributedGradientTape(tape)      # gradients averaged
+    grads = tape.gradient(loss, model.trainable_variables)
+
+    # Keras 3 model.fit
+    model.compile(optimizer=hd.DistributedOptimizer(keras.optimizers.Adam()),
+                  loss=..., jit_compile=False)
+    model.fit(ds, callbacks=[hd.BroadcastGlobalVariablesCallback(0)])
+
+This module imports without the collective library (a build without MPI);
+its functions then raise ImportError saying how to get it. Matching of calls
+across processes, fusion and timeouts: see hpc_ops.collective and
+docs/collective.md.
+"""
+import tensorflow as tf
+
+__all__ = [
+    "init", "shutdown", "rank", "size", "local_rank", "allreduce",
+    "broadcast", "allgather", "broadcast_variables", "DistributedGradientTape",
+    "DistributedOptimizer", "BroadcastGlobalVariablesCallback",
+]
+
+
+def _ops():
+  """hpc_ops.collective, imported on first use (ImportError without MPI)."""
+  from hpc_ops import collective  # pylint: disable=import-outside-toplevel
+  return collective
+
+
+def init():
+  """Initialises MPI (on the runtime's background thread) and waits until
+  every process is connected. Optional: the first collective does it too."""
+  _ops().size()
+
+
+def shutdown():
+  """Finalises MPI; later collectives fail. Runs by itself at exit."""
+  _ops().shutdown()
+
+
+def rank():
+  """This process's rank, 0 <= rank() < size()."""
+  return _ops().rank()
+
+
+def size():
+  """The number of processes in the job (1 without a launcher)."""
+  return _ops().size()
+
+
+def local_rank():
+  """This process's rank among the processes of its host."""
+  return _ops().local_rank()
+
+
+def allreduce(tensor, op="average", name=None):
+  """Combines `tensor` across processes ("average", "sum", "min", "max",
+  "product"). A tf.IndexedSlices is gathered instead (indices and values
+  concatenated over processes; "average" divides the values by size());
+  only "sum" and "average" apply to it."""
+  ops = _ops()
+  if isinstance(tensor, tf.IndexedSlices):
+    if op not in ("sum", "average"):
+      raise ValueError("hpc_ops: op=%r is not defined for IndexedSlices; use "
+                       "'sum' or 'average', or convert to a dense tensor" % op)
+    prefix = name or "allreduce"
+    values = ops.allgather(tensor.values, name=prefix + ".values")
+    indices = ops.allgather(tensor.indices, name=prefix + ".indices")
+    if op == "average":
+      values = values / tf.cast(ops.size(), values.dtype)
+    return tf.IndexedSlices(values, indices, tensor.dense_shape)
+  return ops.allreduce(tensor, op=op, name=name)
+
+
+def broadcast(tensor, root_rank=0, name=None):
+  """The `root_rank` process's `tensor`, on every process."""
+  return _ops().broadcast(tensor, root_rank=root_rank, name=name)
+
+
+def allgather(tensor, name=None):
+  """The processes' tensors concatenated along dimension 0 (rank order)."""
+  return _ops().allgather(tensor, name=name)
+
+
+# ---------------------------------------------------------------------------
+# Variables and gradients.
+
+
+def _broadcast_value(value, root_rank, name):
+  """broadcast() for any numeric or bool type (cast through a supported
+  one when needed)."""
+  ops = _ops()
+  value = tf.convert_to_tensor(value)
+  if value.dtype in ops.DTYPES:
+    return ops.broadcast(value, root_rank, name=name)
+  if value.dtype.is_integer or value.dtype == tf.bool:
+    wide = ops.broadcast(tf.cast(value, tf.int64), root_rank, name=name)
+    return tf.cast(wide, value.dtype)
+  if value.dtype.is_floating:
+    wide = ops.broadcast(tf.cast(value, tf.float64), root_rank, name=name)
+    return tf.cast(wide, value.dtype)
+  raise TypeError("hpc_ops: cannot broadcast a variable of type %s"
+                  % value.dtype.name)
+
+
+def _read(variable):
+  value = getattr(variable, "value", None)  # keras.Variable -> tf.Variable
+  if value is not None and not callable(value):
+    return tf.convert_to_tensor(value)
+  return tf.convert_to_tensor(variable)
+
+
+def broadcast_variables(variables, root_rank=0):
+  """Assigns the `root_rank` process's values to `variables` (tf.Variable or
+  keras.Variable) on every process. Every process must pass the same list
+  in the same order. Returns None eagerly, a grouped op in graph mode."""
+  variables = list(variables)
+  updates = []
+  for i, v in enumerate(variables):
+    value = _broadcast_value(_read(v), root_rank,
+                             name="broadcast_variables.%d" % i)
+    updates.append(v.assign(value))
+  if tf.executing_eagerly():
+    return None
+  return tf.group(*updates)
+
+
+def _reduce_one(grad, op, sparse_as_dense):
+  if isinstance(grad, tf.IndexedSlices) and sparse_as_dense:
+    grad = tf.convert_to_tensor(grad)
+  return allreduce(grad, op=op)
+
+
+_eager_reducers = {}
+
+
+def _allreduce_gradients(grads, op, sparse_as_dense):
+  """allreduce() of every non-None entry of the list `grads`. Eagerly, the
+  collectives are issued from one tf.function so that they run concurrently
+  (and fuse) instead of one round trip each."""
+  index = [i for i, g in enumerate(grads) if g is not None]
+  if not index:
+    return list(grads)
+  values = [grads[i] for i in index]
+  if tf.executing_eagerly():
+    key = (op, sparse_as_dense)
+    if key not in _eager_reducers:
+      _eager_reducers[key] = tf.function(
+          lambda vs: [_reduce_one(v, op, sparse_as_dense) for v in vs],
+          reduce_retracing=True)
+    reduced = _eager_reducers[key](values)
+  else:
+    reduced = [_reduce_one(v, op, sparse_as_dense) for v in values]
+  out = list(grads)
+  for i, r in zip(index, reduced):
+    out[i] = r
+  return out
+
+
+class DistributedGradientTape:
+  """Wraps a tf.GradientTape: gradient() returns gradients combined across
+  processes (averaged by default). None gradients stay None; IndexedSlices
+  are gathered (or made dense first with sparse_as_dense=True). Everything
+  else is delegated to the wrapped tape.
+
+      with tf.GradientTape() as tape:
+        loss = ...
+      grads = DistributedGradientTape(tape).gradient(loss, variables)
+  """
+
+  def __init__(self, tape, op="average", sparse_as_dense=False):
+    if op not in ("sum", "average"):
+      raise ValueError("hpc_ops: DistributedGradientTape op must be 'sum' or "
+                       "'average', got %r" % op)
+    self._tape = tape
+    self._op = op
+    self._sparse_as_dense = sparse_as_dense
+
+  def gradient(self, target, sources, output_gradients=None,
+               unconnected_gradients=tf.UnconnectedGradients.NONE):
+    grads = self._tape.gradient(target, sources,
+                                output_gradients=output_gradients,
+                                unconnected_gradients=unconnected_gradients)
+    flat = tf.nest.flatten(grads)
+    reduced = _allreduce_gradients(flat, self._op, self._sparse_as_dense)
+    return tf.nest.pack_sequence_as(grads, reduced)
+
+  def __enter__(self):
+    self._tape.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    return self._tape.__exit__(*exc)
+
+  def __getattr__(self, name):
+    return getattr(self._tape, name)
+
+
+# ---------------------------------------------------------------------------
+# Keras 3.
+
+_distributed_classes = {}
+
+
+def DistributedOptimizer(optimizer, op="average", sparse_as_dense=False):  # pylint: disable=invalid-name
+  """Makes a Keras 3 optimizer combine gradients across processes before it
+  applies them (in `apply`, which `apply_gradients` and `model.fit` use).
+
+  The optimizer is changed in place and returned. Its class keeps its name,
+  so saved models and configs load as the plain optimizer. With the same
+  initial weights (BroadcastGlobalVariablesCallback) every process applies
+  bit-identical averaged gradients, so the weights stay identical. Compile
+  the model with jit_compile=False: XLA cannot compile the MPI ops.
+  """
+  import keras  # pylint: disable=import-outside-toplevel
+  if not isinstance(optimizer, keras.optimizers.Optimizer):
+    raise TypeError("hpc_ops: DistributedOptimizer needs a keras.optimizers."
+                    "Optimizer, got %r" % (optimizer,))
+  if op not in ("sum", "average"):
+    raise ValueError("hpc_ops: DistributedOptimizer op must be 'sum' or "
+                     "'average', got %r" % op)
+  base = type(optimizer)
+  if not getattr(base, "_hpc_ops_distributed", False):
+    if base not in _distributed_classes:
+
+      def apply(self, grads, trainable_variables=None):
+        grads = _allreduce_gradients(list(grads), self._hpc_ops_op,
+                                     self._hpc_ops_sparse_as_dense)
+        return base.apply(self, grads, trainable_variables)
+
+      _distributed_classes[base] = type(base.__name__, (base,), {
+          "apply": apply,
+          "_hpc_ops_distributed": True,
+          "__module__": base.__module__,
+          "__qualname__": base.__qualname__,
+          "__doc__": base.__doc__,
+      })
+    optimizer.__class__ = _distributed_classes[base]
+  optimizer._hpc_ops_op = op  # pylint: disable=protected-access
+  optimizer._hpc_ops_sparse_as_dense = sparse_as_dense  # pylint: disable=protected-access
+  return optimizer
+
+
+def _make_callback_class():
+  import keras  # pylint: disable=import-outside-toplevel
+
+  class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
+    """At the start of training, copies the `root_rank` process's model
+    weights and optimizer state to every process (so that all start from
+    the same point)."""
+
+    def __init__(self, root_rank=0):
+      super().__init__()
+      self.root_rank = root_rank
+      self._done = False
+
+    def on_train_begin(self, logs=None):
+      if self._done:
+        return
+      if getattr(self.model, "jit_compile", False):
+        raise ValueError(
+            "hpc_ops: compile the model with jit_compile=False; XLA cannot "
+            "compile the MPI collectives of hpc_ops.distributed")
+      variables = list(self.model.weights)
+      optimizer = getattr(self.model, "optimizer", None)
+      if optimizer is not None:
+        variables += list(optimizer.variables)
+      broadcast_variables(variables, self.root_rank)
+      self._done = True
+
+  return BroadcastGlobalVariablesCallback
+
+
+def __getattr__(name):
+  # Keras is imported only when its helpers are used (PEP 562).
+  if name == "BroadcastGlobalVariablesCallback":
+    cls = _make_callback_class()
+    globals()[name] = cls
+    return cls
+  raise AttributeError("module %r has no attribute %r" % (__name__, name))
