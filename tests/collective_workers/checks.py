@@ -1,0 +1,446 @@
+"""Run under mpirun (-np 2 or 4) by tests/test_collective.py. Every rank
+runs the same checks, in the same order, and compares its results with numpy
+(every rank can rebuild every rank's input from the seeds).
+
+    python -m hpc_ops.run -np 2 tests/collective_workers/checks.py [--training]
+"""
+import sys
+import time
+
+from common import DTYPES, OPS, Checks, as_f64, expect_error, hd, np, tf
+
+import hpc_ops.collective as coll
+
+hd.init()
+R, P = hd.rank(), hd.size()
+SHAPES = [(), (0,), (7,), (3, 5), (2, 0, 3), (1031,)]
+
+
+def rank_values(r, dtype, shape, op, salt=0):
+  """Rank r's input (float64 or int64 numpy): small integers for integer
+  types, normals for floats, values near +-1 for products."""
+  seed = [r, DTYPES.index(dtype), OPS.index(op), len(shape), salt]
+  rng = np.random.default_rng(seed + list(shape))
+  if dtype.is_integer:
+    lo, hi = (-3, 4) if op == "product" else (-50, 51)
+    return rng.integers(lo, hi, size=shape)
+  if op == "product":
+    return rng.uniform(0.5, 1.5, size=shape) * rng.choice([-1, 1], size=shape)
+  return rng.normal(size=shape) * 4
+
+
+def rank_tensor(r, dtype, shape, op, salt=0):
+  return tf.cast(tf.constant(rank_values(r, dtype, shape, op, salt)), dtype)
+
+
+def reference(dtype, shape, op, salt=0):
+  """The expected allreduce: the ranks' inputs combined in rank order in the
+  reduction type (float32 for 16-bit floats), rounded back once."""
+  work = {tf.float16: np.float32, tf.bfloat16: np.float32,
+          tf.float32: np.float32, tf.float64: np.float64,
+          tf.int32: np.int32, tf.int64: np.int64}[dtype]
+  xs = [as_f64(rank_tensor(r, dtype, shape, op, salt)).astype(work)
+        for r in range(P)]
+  combine = {"sum": np.add, "average": np.add, "min": np.minimum,
+             "max": np.maximum, "product": np.multiply}[op]
+  acc = xs[0].copy()
+  for x in xs[1:]:
+    acc = combine(acc, x)
+  if op == "average":
+    if dtype.is_integer:  # truncation toward zero
+      acc = (np.sign(acc) * (np.abs(acc) // P)).astype(work)
+    else:
+      acc = (acc / work(P)).astype(work)
+  return as_f64(tf.cast(tf.constant(acc), dtype))
+
+
+def check_process_info():
+  assert P == int(sys.argv[sys.argv.index("--np") + 1]), P
+  assert 0 <= R < P
+  # One host: the local rank is the rank.
+  assert hd.local_rank() == R, (hd.local_rank(), R)
+  ranks = hd.allgather(tf.constant([R]), name="info.ranks").numpy()
+  assert ranks.tolist() == list(range(P)), ranks
+
+
+def check_allreduce_eager(dtype):
+  for op in OPS:
+    for shape in SHAPES:
+      x = rank_tensor(R, dtype, shape, op)
+      y = hd.allreduce(x, op=op, name="eager.%s.%s.%s" % (dtype.name, op, shape))
+      assert y.dtype == dtype and y.shape == x.shape
+      np.testing.assert_array_equal(as_f64(y), reference(dtype, shape, op),
+                                    err_msg="%s %s %s" % (dtype.name, op, shape))
+
+
+def check_allreduce_function(dtype):
+  # All ops and shapes of one dtype issued together: they run concurrently,
+  # in any order, and the small ones are fused.
+  cases = [(op, shape) for op in OPS for shape in SHAPES]
+
+  @tf.function
+  def f(xs):
+    return [coll.allreduce(x, op) for x, (op, _) in zip(xs, cases)]
+
+  ys = f([rank_tensor(R, dtype, shape, op, salt=1) for op, shape in cases])
+  for y, (op, shape) in zip(ys, cases):
+    np.testing.assert_array_equal(as_f64(y), reference(dtype, shape, op, 1),
+                                  err_msg="%s %s %s" % (dtype.name, op, shape))
+
+
+def check_large():
+  # Several pipeline segments per rank (1 MiB each), unfused and in place.
+  for dtype, n, op in [(tf.float32, 3_000_017, "sum"),
+                       (tf.float64, 700_001, "average"),
+                       (tf.bfloat16, 600_001, "max"),
+                       (tf.int64, 500_003, "min")]:
+    x = rank_tensor(R, dtype, (n,), op, salt=2)
+    y = hd.allreduce(x * 1, op=op, name="large.%s" % dtype.name)
+    np.testing.assert_array_equal(as_f64(y), reference(dtype, (n,), op, 2))
+
+
+def check_nan_propagates():
+  x = np.arange(6, dtype=np.float32)
+  if R == P - 1:
+    x[2] = np.nan
+    x[4] = np.inf
+  for op in OPS:
+    y = hd.allreduce(tf.constant(x), op=op, name="nan." + op).numpy()
+    assert np.isnan(y[2]), (op, y)
+    if op in ("sum", "average", "max"):
+      assert y[4] == np.inf, (op, y)
+    assert not np.isnan(y[[0, 1, 3, 5]]).any(), (op, y)
+
+
+def check_broadcast():
+  root = P - 1
+  for dtype in DTYPES:
+    for shape in SHAPES:
+      x = rank_tensor(R, dtype, shape, "sum", salt=3)
+      y = hd.broadcast(x, root, name="bcast.%s.%s" % (dtype.name, shape))
+      np.testing.assert_array_equal(
+          as_f64(y), as_f64(rank_tensor(root, dtype, shape, "sum", salt=3)))
+
+  @tf.function
+  def f(x):
+    return coll.broadcast(x, 0), coll.broadcast(x * 2, root)
+
+  a, b = f(tf.fill([5], float(R + 1)))
+  np.testing.assert_array_equal(a.numpy(), np.full(5, 1.0))
+  np.testing.assert_array_equal(b.numpy(), np.full(5, 2.0 * P))
+
+
+def gather_rows(r, kind):
+  return {"rows": r + 1, "zero_on_0": 0 if r == 0 else 2, "same": 3}[kind]
+
+
+def check_allgather():
+  for dtype in DTYPES:
+    for kind, tail in [("rows", (3,)), ("zero_on_0", (2, 2)), ("same", ()),
+                       ("rows", (0,))]:
+      def part(r):
+        return rank_tensor(r, dtype, (gather_rows(r, kind),) + tail, "sum", 4)
+      y = hd.allgather(part(R), name="gather.%s.%s.%s" % (dtype.name, kind, tail))
+      expect = np.concatenate([as_f64(part(r)) for r in range(P)])
+      assert y.shape == expect.shape, (y.shape, expect.shape)
+      np.testing.assert_array_equal(as_f64(y), expect)
+
+  @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32)])
+  def f(x):
+    y = coll.allgather(x)
+    assert y.shape.as_list() == [None, 2]  # static shape from the C++ shape fn
+    return y
+
+  y = f(tf.fill([R + 1, 2], float(R)))
+  expect = np.concatenate([np.full((r + 1, 2), float(r)) for r in range(P)])
+  np.testing.assert_array_equal(y.numpy(), expect)
+
+
+def check_out_of_order():
+  # Rank 0 issues a then b, the last rank b then a (the other input is held
+  # back by a sleep): the coordinator matches them by name.
+  def late(x, delay):
+    def sleep(v):
+      time.sleep(delay)
+      return v
+    return tf.py_function(sleep, [x], x.dtype)
+
+  @tf.function
+  def f(a, b):
+    if R == 0:
+      b = late(b, 0.3)
+    elif R == P - 1:
+      a = late(a, 0.3)
+    return (coll.allreduce(a, "sum", name="ooo_a"),
+            coll.allreduce(b, "max", name="ooo_b"))
+
+  ya, yb = f(tf.fill([4], float(R)), tf.fill([3], float(R) * 10))
+  np.testing.assert_array_equal(ya.numpy(), np.full(4, sum(range(P)), np.float32))
+  np.testing.assert_array_equal(yb.numpy(), np.full(3, 10.0 * (P - 1)))
+
+
+def check_fusion():
+  # 64 small tensors of three float types issued together fuse into far
+  # fewer operations (HPC_OPS_CYCLE_TIME_MS is raised by the test so that
+  # a busy machine does not break the batch up).
+  dtypes = [tf.float32, tf.float16, tf.bfloat16, tf.float64]
+
+  @tf.function
+  def f(xs):
+    return [coll.allreduce(x, "sum") for x in xs]
+
+  xs = [rank_tensor(R, dtypes[i % 4], (4096,), "sum", salt=100 + i)
+        for i in range(64)]
+  f(xs)  # trace
+  before = coll.stats()
+  ys = f(xs)
+  after = coll.stats()
+  tensors = after["tensors"] - before["tensors"]
+  operations = after["operations"] - before["operations"]
+  assert tensors == 64, (before, after)
+  assert operations < 64, (before, after)
+  for i, y in enumerate(ys):
+    np.testing.assert_array_equal(
+        as_f64(y), reference(dtypes[i % 4], (4096,), "sum", 100 + i))
+
+
+def check_mismatch_errors():
+  F = tf.errors.FailedPreconditionError
+  other = "on rank 1"  # the first rank that disagrees with rank 0
+  expect_error(lambda: hd.allreduce(tf.ones([2 + (R > 0)]), name="mm.shape"),
+               F, "HpcAllreduce", "'mm.shape'", "[2] on rank 0 but [3] " + other)
+  expect_error(
+      lambda: hd.allreduce(tf.ones([2], tf.float32 if R == 0 else tf.float64),
+                           name="mm.dtype"),
+      F, "dtype float on rank 0 but double " + other)
+  expect_error(lambda: hd.allreduce(tf.ones([2]), op="sum" if R == 0 else "max",
+                                    name="mm.op"),
+               F, "reduce_op 'sum' on rank 0 but 'max' " + other)
+  expect_error(lambda: (hd.allreduce if R == 0 else hd.allgather)(
+      tf.ones([2]), name="mm.kind"),
+               F, "HpcAllreduce on rank 0 but an HpcAllgather " + other)
+  expect_error(lambda: hd.broadcast(tf.ones([2]), 0 if R == 0 else P - 1,
+                                    name="mm.root"),
+               F, "root_rank 0 on rank 0 but %d %s" % (P - 1, other))
+  expect_error(lambda: hd.allgather(tf.ones([2, 3 + (R > 0)]), name="mm.tail"),
+               F, "[2,3] on rank 0 but [2,4] " + other,
+               "all dimensions but the first")
+  # Same name, second call, mismatching again: the call number is named.
+  expect_error(lambda: hd.allreduce(tf.ones([1 + R]), name="mm.shape"),
+               F, "'mm.shape' (call 1 with this name)")
+  # In a tf.function too, and the runtime stays usable afterwards.
+  @tf.function
+  def g(x):
+    return coll.allreduce(x, "sum", name="mm_graph")
+
+  expect_error(lambda: g(tf.ones([3 + R])), F, "[3] on rank 0 but")
+  y = hd.allreduce(tf.ones([2]), op="sum", name="mm.after")
+  np.testing.assert_array_equal(y.numpy(), [P, P])
+
+
+def check_bad_inputs():
+  InvalidArgument = tf.errors.InvalidArgumentError
+  expect_error(lambda: hd.allgather(tf.constant(1.0), name="bad.scalar"),
+               InvalidArgument, "rank >= 1")
+  expect_error(lambda: hd.broadcast(tf.ones([2]), P, name="bad.root"),
+               InvalidArgument, "root_rank %d is out of range" % P)
+  try:
+    hd.allreduce(tf.ones([2]), op="mean")
+  except ValueError as e:
+    assert "sum, average, min, max, product" in str(e)
+  else:
+    raise AssertionError("op='mean' accepted")
+  y = hd.allreduce(tf.ones([2]), op="sum", name="bad.after")
+  np.testing.assert_array_equal(y.numpy(), [P, P])
+
+
+# ---------------------------------------------------------------------------
+# Gradients: finite differences of the global objective sum_r <w_r, f(x_r)>.
+
+
+def fd_check(tag, fn, x, w):
+  """`fn` is a collective; x, w are this rank's float64 input and weights."""
+  x = np.asarray(x, np.float64)
+
+  def objective(xv):
+    local = tf.reduce_sum(tf.constant(w) * fn(tf.constant(xv)))
+    return float(hd.allreduce(local, "sum", name="fd.%s.total" % tag))
+
+  xt = tf.constant(x)
+  with tf.GradientTape() as tape:
+    tape.watch(xt)
+    loss = tf.reduce_sum(tf.constant(w) * fn(xt))
+  analytic = tape.gradient(loss, xt).numpy()
+
+  @tf.function
+  def graph_grad(v):
+    with tf.GradientTape() as t:
+      t.watch(v)
+      l = tf.reduce_sum(tf.constant(w) * fn(v))
+    return t.gradient(l, v)
+
+  np.testing.assert_allclose(graph_grad(xt).numpy(), analytic, rtol=1e-12,
+                             atol=1e-12)
+  sizes = hd.allgather(tf.constant([x.size], tf.int64),
+                       name="fd.%s.sizes" % tag).numpy()
+  numeric = np.zeros_like(x)
+  eps = 1e-6
+  for a in range(P):
+    for i in range(int(sizes[a])):
+      values = []
+      for sign in (1, -1):
+        xp = x.copy()
+        if R == a:
+          xp.flat[i] += sign * eps
+        values.append(objective(xp))
+      if R == a:
+        numeric.flat[i] = (values[0] - values[1]) / (2 * eps)
+  np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-6,
+                             err_msg=tag)
+
+
+def check_gradients():
+  rng = np.random.default_rng([R, 77])
+  x = rng.normal(size=(2, 3))
+  w = rng.normal(size=(2, 3))
+  for op in OPS:
+    xx = rng.uniform(0.5, 1.5, size=(2, 3)) if op == "product" else x
+    fd_check(op, lambda v, op=op: coll.allreduce(v, op, name="fd.ar." + op),
+             xx, w)
+  fd_check("bcast", lambda v: coll.broadcast(v, P - 1, name="fd.bcast"), x, w)
+  rows = R + 1
+  xg = rng.normal(size=(rows, 2))
+  total = sum(r + 1 for r in range(P))
+  wg = rng.normal(size=(total, 2))
+  fd_check("gather", lambda v: coll.allgather(v, name="fd.gather"), xg, wg)
+
+
+# ---------------------------------------------------------------------------
+# Training helpers.
+
+
+def check_broadcast_variables():
+  a = tf.Variable(np.full((3, 2), float(R)))
+  b = tf.Variable(tf.constant([R, R * 2], tf.int64))
+  c = tf.Variable(R % 2 == 1)
+  d = tf.Variable(tf.constant([R], tf.uint8))
+  hd.broadcast_variables([a, b, c, d], root_rank=P - 1)
+  np.testing.assert_array_equal(a.numpy(), np.full((3, 2), P - 1.0))
+  np.testing.assert_array_equal(b.numpy(), [P - 1, 2 * (P - 1)])
+  assert bool(c.numpy()) == ((P - 1) % 2 == 1)
+  np.testing.assert_array_equal(d.numpy(), [P - 1])
+
+
+def check_gradient_tape():
+  data = np.random.default_rng(5)
+  xs = [data.normal(size=(4, 3)) for _ in range(P)]
+  ys = [data.normal(size=(4, 1)) for _ in range(P)]
+  w0 = np.random.default_rng([R, 6]).normal(size=(3, 1))  # differs per rank
+  w = tf.Variable(w0)
+  hd.broadcast_variables([w], 0)
+  w_root = np.random.default_rng([0, 6]).normal(size=(3, 1))
+  np.testing.assert_array_equal(w.numpy(), w_root)
+  per_rank = [2.0 / 4 * xs[q].T @ (xs[q] @ w_root - ys[q]) for q in range(P)]
+
+  def loss_fn():
+    return tf.reduce_mean((tf.constant(xs[R]) @ w - tf.constant(ys[R])) ** 2)
+
+  for op, expect in [("average", sum(per_rank) / P), ("sum", sum(per_rank))]:
+    with tf.GradientTape() as tape:
+      loss = loss_fn()
+    (g,) = hd.DistributedGradientTape(tape, op=op).gradient(loss, [w])
+    np.testing.assert_allclose(g.numpy(), expect, rtol=1e-12)
+
+  unused = tf.Variable(1.0)
+
+  @tf.function
+  def step():
+    with hd.DistributedGradientTape(tf.GradientTape()) as tape:
+      loss = loss_fn()
+    return tape.gradient(loss, {"w": w, "unused": unused})
+
+  grads = step()
+  np.testing.assert_allclose(grads["w"].numpy(), sum(per_rank) / P, rtol=1e-12)
+  assert grads["unused"] is None
+
+  # Sparse gradients (embedding lookups) are gathered, or made dense.
+  table = tf.Variable(np.zeros((6, 2)))
+  ids = [np.array([q, q + 1, 5]) for q in range(P)]
+  coeff = [np.full((3, 2), q + 1.0) for q in range(P)]
+  dense = np.zeros((6, 2))
+  for q in range(P):
+    np.add.at(dense, ids[q], coeff[q])
+  for sparse_as_dense in (False, True):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(tf.gather(table, ids[R]) * coeff[R])
+    (g,) = hd.DistributedGradientTape(
+        tape, sparse_as_dense=sparse_as_dense).gradient(loss, [table])
+    assert isinstance(g, tf.IndexedSlices) != sparse_as_dense, type(g)
+    np.testing.assert_allclose(tf.convert_to_tensor(g).numpy(), dense / P)
+
+
+def check_keras_fit(run_eagerly):
+  import keras  # noqa: PLC0415
+
+  def build():
+    return keras.Sequential([keras.Input((5,)),
+                             keras.layers.Dense(8, activation="tanh"),
+                             keras.layers.Dense(1)])
+
+  keras.utils.set_random_seed(100 + R)  # a different start on every rank
+  model = build()
+  root_init = [hd.broadcast(v, 0, name="fit.init.%d.%d" % (run_eagerly, i))
+               .numpy() for i, v in enumerate(model.get_weights())]
+  optimizer = hd.DistributedOptimizer(keras.optimizers.Adam(0.01))
+  assert type(optimizer).__name__ == "Adam"
+  model.compile(optimizer=optimizer, loss="mse", jit_compile=False,
+                run_eagerly=run_eagerly)
+  data = np.random.default_rng(8)
+  x = data.normal(size=(16 * P, 5)).astype(np.float32)
+  y = data.normal(size=(16 * P, 1)).astype(np.float32)
+  shard = slice(16 * R, 16 * (R + 1))
+  model.fit(x[shard], y[shard], batch_size=16, epochs=3, shuffle=False,
+            verbose=0, callbacks=[hd.BroadcastGlobalVariablesCallback(0)])
+  flat = np.concatenate([v.reshape(-1) for v in model.get_weights()])
+  everyone = hd.allgather(tf.constant(flat[None]),
+                          name="fit.final.%d" % run_eagerly).numpy()
+  for q in range(P):  # bit-identical on every rank
+    np.testing.assert_array_equal(everyone[q], flat)
+  # Same as one process training on the whole batch from the root's start.
+  ref = build()
+  ref.set_weights(root_init)
+  ref.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse",
+              jit_compile=False)
+  ref.fit(x, y, batch_size=16 * P, epochs=3, shuffle=False, verbose=0)
+  expect = np.concatenate([v.reshape(-1) for v in ref.get_weights()])
+  np.testing.assert_allclose(flat, expect, rtol=2e-4, atol=2e-5)
+  assert not np.allclose(flat, np.concatenate(
+      [v.reshape(-1) for v in root_init])), "training did not move"
+
+
+def main():
+  checks = Checks()
+  checks.run("process_info", check_process_info)
+  for dtype in DTYPES:
+    checks.run("allreduce_eager_" + dtype.name, check_allreduce_eager, dtype)
+    checks.run("allreduce_function_" + dtype.name, check_allreduce_function,
+               dtype)
+  checks.run("large", check_large)
+  checks.run("nan_propagates", check_nan_propagates)
+  checks.run("broadcast", check_broadcast)
+  checks.run("allgather", check_allgather)
+  checks.run("out_of_order", check_out_of_order)
+  checks.run("fusion", check_fusion)
+  checks.run("mismatch_errors", check_mismatch_errors)
+  checks.run("bad_inputs", check_bad_inputs)
+  checks.run("gradients", check_gradients)
+  if "--training" in sys.argv:
+    checks.run("broadcast_variables", check_broadcast_variables)
+    checks.run("gradient_tape", check_gradient_tape)
+    checks.run("keras_fit", check_keras_fit, False)
+    checks.run("keras_fit_eager", check_keras_fit, True)
+  checks.finish()
+
+
+if __name__ == "__main__":
+  main()
