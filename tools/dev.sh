@@ -2,7 +2,7 @@
 # Set-up, build, demo and tests in one place; every step is skipped when it
 # is already done, so running it again is fast.
 #   tools/dev.sh setup   apt packages, venv, ./configure.sh, Bazel build
-#   tools/dev.sh main    setup, then the main job (examples/)
+#   tools/dev.sh main    setup, then the main job (examples/ctr_train.py)
 #   tools/dev.sh test    setup, then the whole test suite (extra args -> pytest)
 #   tools/dev.sh build [FAMILY...]  rebuild op libraries into python/hpc_ops/
 # Environment: HPC_OPS_VENV (default .venv in the repo), BAZEL (bazel or
@@ -88,7 +88,11 @@ build() {
   fi
   for f in "$bin"/_*_ops.so "$bin"/gen_*_ops.py; do
     [[ -e "$f" ]] || continue
-    cmp -s "$f" "python/hpc_ops/$(basename "$f")" || install -m 0644 "$f" python/hpc_ops/
+    local dest="python/hpc_ops/$(basename "$f")"
+    if ! cmp -s "$f" "$dest"; then
+      # Atomic replace: a process loading the library never sees half a file.
+      install -m 0644 "$f" "$dest.tmp.$$" && mv -f "$dest.tmp.$$" "$dest"
+    fi
   done
 }
 
@@ -106,7 +110,7 @@ case "$cmd" in
   build) configure; build "$@" ;;
   main)
     setup
-    exec "$PY" examples/demo.py "$@"
+    exec "$PY" examples/ctr_train.py "$@"
     ;;
   test)
     setup

@@ -12,4 +12,5 @@ __version__ = "0.1.0"
 from hpc_ops.zero_out import zero_out  # noqa: F401,E402
 from hpc_ops.rms_norm import rms_norm  # noqa: F401,E402
 from hpc_ops.sparse_table import SparseTable  # noqa: F401,E402
+from hpc_ops import layers  # noqa: F401,E402  (hpc_ops.layers.<Layer>)
 from hpc_ops import distributed  # noqa: F401,E402  (loads MPI ops on first use)
