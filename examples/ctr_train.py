@@ -246,11 +246,15 @@ def main(argv=None):
   train_ds = criteo.make_dataset(train_files, args.batch_size, shuffle=True,
                                  seed=args.seed, num_shards=size,
                                  shard_index=rank, repeat=True)
+  eval_batch = 4096
   if eval_files:
-    eval_ds = criteo.make_dataset(eval_files, 4096)
+    eval_ds = criteo.make_dataset(eval_files, eval_batch)
+    eval_rows = args.eval_rows if not args.data else count_lines(eval_files)
   else:  # real data without an eval file: hold out the last batches
-    eval_ds = criteo.make_dataset(train_files, 4096).skip(
-        int(0.9 * train_rows) // 4096)
+    skip = int(0.9 * train_rows) // eval_batch
+    eval_ds = criteo.make_dataset(train_files, eval_batch).skip(skip)
+    eval_rows = train_rows - skip * eval_batch
+  eval_steps = -(-eval_rows // eval_batch)
 
   # ---- model
   model, embedding = build_model(
@@ -268,7 +272,9 @@ def main(argv=None):
       % (args.epochs, steps, args.batch_size))
   with timer("train"):
     history = model.fit(train_ds, epochs=args.epochs, steps_per_epoch=steps,
-                        validation_data=eval_ds, callbacks=callbacks,
+                        validation_data=eval_ds, validation_steps=eval_steps,
+                        shuffle=False,  # the dataset shuffles itself
+                        callbacks=callbacks,
                         verbose=args.verbose if rank == 0 else 0)
   train_time = timer.phases[-1][1]
   examples = args.epochs * steps * args.batch_size * size
