@@ -27,6 +27,7 @@ import argparse
 import os
 import sys
 import threading
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -125,15 +126,25 @@ def max_error(y, x, gamma, rows=256):
   return float(tf.reduce_max(tf.abs(got - ref)))
 
 
+def timed(fn, reps, budget_s=4.0):
+  """Median seconds per call; slow variants (seconds per call on the big
+  shapes) get fewer repetitions, at least 3."""
+  fn()  # traces / compiles
+  t0 = time.perf_counter()
+  fn()
+  once = time.perf_counter() - t0
+  reps = max(3, min(reps, int(budget_s / max(once, 1e-9))))
+  return bench_util.median_time(fn, reps=reps, warmup=1)
+
+
 def bench_case(shape, dtype, reps):
   """{variant: (forward s, forward+backward s, max error)}."""
   x, dy, gamma, variants = make_case(shape, dtype)
   results = {}
   for name, (f, fb) in variants.items():
     err = max_error(f(x), x, gamma)
-    t_f = bench_util.median_time(lambda: f(x), reps=reps, warmup=2)
-    fb(x, dy)
-    t_fb = bench_util.median_time(lambda: fb(x, dy), reps=reps, warmup=2)
+    t_f = timed(lambda: f(x), reps)
+    t_fb = timed(lambda: fb(x, dy), reps)
     results[name] = (t_f, t_fb, err)
     print("  %-24s fwd %9s  fwd+bwd %9s" % (name, bench_util.fmt_time(t_f),
                                               bench_util.fmt_time(t_fb)),
@@ -153,14 +164,13 @@ def main():
     shapes = [min(shapes, key=np.prod)]
   threads = tf.config.threading.get_intra_op_parallelism_threads() or \
       os.cpu_count()
-  bw1 = bench_util.memory_bandwidth_gbs()
-  bwn = threaded_copy_bandwidth_gbs(threads)
   alloc = bench_util.allocator_name()
   print("\n## RMSNorm, %s allocator (TF %s, Keras %s, %d CPU threads)"
         % (alloc, tf.__version__, keras.__version__, threads))
-  print("\nCopy bandwidth (bytes read + written, numpy copy of 1 GiB): "
-        "%.1f GB/s with 1 thread (bench_util.memory_bandwidth_gbs), "
-        "%.1f GB/s with %d threads." % (bw1, bwn, threads))
+  print("\nCopy bandwidth: bytes read + written per second by a numpy copy "
+        "of 1 GiB into a touched buffer, with 1 thread "
+        "(bench_util.memory_bandwidth_gbs) and with %d threads, measured just "
+        "before each case (the machine is shared, so it drifts)." % threads)
 
   detail, summary = [], []
   for shape in shapes:
@@ -170,6 +180,8 @@ def main():
       reps = 5 if args.quick else (20 if nbytes <= (64 << 20) else 6)
       print("%s %s (%s allocator)" % ("x".join(map(str, shape)), dt_name,
                                       alloc), file=sys.stderr, flush=True)
+      bw1 = bench_util.memory_bandwidth_gbs()
+      bwn = threaded_copy_bandwidth_gbs(threads)
       res = bench_case(shape, dtype, reps)
       peers = {k: v for k, v in res.items() if k not in OURS}
       best_f = min(peers, key=lambda k: peers[k][0])
@@ -186,12 +198,13 @@ def main():
       ours_f = min(OURS, key=lambda k: res[k][0])
       ours_fb = min(OURS, key=lambda k: res[k][1])
       t_f, t_fb = res[ours_f][0], res[ours_fb][1]
+      gbs_f = 2 * nbytes / t_f / 1e9
       summary.append([
           label, bench_util.fmt_time(t_f),
           "%s (%s)" % (bench_util.fmt_time(peers[best_f][0]), best_f),
           "**%.2fx**" % (peers[best_f][0] / t_f),
-          "%.0f%% / %.0f%%" % (100 * 2 * nbytes / t_f / 1e9 / bwn,
-                               100 * 2 * nbytes / t_f / 1e9 / bw1),
+          "%.1f GB/s: %.0f%% / %.0f%% of %.1f / %.1f" % (
+              gbs_f, 100 * gbs_f / bwn, 100 * gbs_f / bw1, bwn, bw1),
           bench_util.fmt_time(t_fb),
           "%s (%s)" % (bench_util.fmt_time(peers[best_fb][1]), best_fb),
           "**%.2fx**" % (peers[best_fb][1] / t_fb)])
@@ -199,7 +212,7 @@ def main():
   bench_util.print_table(
       "Summary, %s allocator: best hpc_ops variant vs best peer" % alloc,
       ["case", "ours fwd", "best peer fwd", "speedup",
-       "fwd GB/s as %% of copy (%d thr / 1 thr)" % threads,
+       "ours fwd bandwidth, as %% of copy (%d thr / 1 thr)" % threads,
        "ours fwd+bwd", "best peer fwd+bwd", "speedup"], summary)
   bench_util.print_table(
       "All variants, %s allocator" % alloc,

@@ -93,27 +93,29 @@ inline StatOf<T> SumOfSquares(const T* x, int64_t n) {
   return sum;
 }
 
-// sum_j a[j] * b[j] * c[j].
-template <typename T>
-inline StatOf<T> SumOfTripleProducts(const T* a, const T* b, const T* c,
+// sum_j a[j] * b[j] * c[j], where b may be of the statistics type.
+template <typename T, typename B>
+inline StatOf<T> SumOfTripleProducts(const T* a, const B* b, const T* c,
                                      int64_t n) {
   using Io = SimdIo<T>;
+  using BIo = SimdIo<B>;
   using V = typename Io::V;
   constexpr int64_t L = Io::kLanes;
+  static_assert(BIo::kLanes == L, "b must load as many lanes as a");
   const V zero = Io::Splat(0);
   V s0 = zero, s1 = zero, s2 = zero, s3 = zero;
   int64_t j = 0;
   for (; j + 4 * L <= n; j += 4 * L) {
-    s0 = Fma(Mul(Io::Load(a + j), Io::Load(b + j)), Io::Load(c + j), s0);
-    s1 = Fma(Mul(Io::Load(a + j + L), Io::Load(b + j + L)), Io::Load(c + j + L),
-             s1);
-    s2 = Fma(Mul(Io::Load(a + j + 2 * L), Io::Load(b + j + 2 * L)),
+    s0 = Fma(Mul(Io::Load(a + j), BIo::Load(b + j)), Io::Load(c + j), s0);
+    s1 = Fma(Mul(Io::Load(a + j + L), BIo::Load(b + j + L)),
+             Io::Load(c + j + L), s1);
+    s2 = Fma(Mul(Io::Load(a + j + 2 * L), BIo::Load(b + j + 2 * L)),
              Io::Load(c + j + 2 * L), s2);
-    s3 = Fma(Mul(Io::Load(a + j + 3 * L), Io::Load(b + j + 3 * L)),
+    s3 = Fma(Mul(Io::Load(a + j + 3 * L), BIo::Load(b + j + 3 * L)),
              Io::Load(c + j + 3 * L), s3);
   }
   for (; j + L <= n; j += L) {
-    s0 = Fma(Mul(Io::Load(a + j), Io::Load(b + j)), Io::Load(c + j), s0);
+    s0 = Fma(Mul(Io::Load(a + j), BIo::Load(b + j)), Io::Load(c + j), s0);
   }
   StatOf<T> sum = HorizontalSum(Add(Add(s0, s1), Add(s2, s3)));
   for (; j < n; ++j) {
@@ -155,10 +157,11 @@ inline void ForEachInRow(const T* out, int64_t n, VecFn vec, ScalarFn scalar) {
 // Rows [begin, end) of the forward pass: one read of the row to reduce, one
 // (from L1/L2) to scale and write.
 template <bool kStream, typename T>
-void RmsNormRows(const T* x, const T* gamma, StatOf<T> epsilon, T* y,
+void RmsNormRows(const T* x, const StatOf<T>* gamma, StatOf<T> epsilon, T* y,
                  StatOf<T>* inv_rms, int64_t cols, int64_t begin, int64_t end) {
   using S = StatOf<T>;
   using Io = SimdIo<T>;
+  using GIo = SimdIo<S>;
   using V = typename Io::V;
   for (int64_t r = begin; r < end; ++r) {
     const T* xr = x + r * cols;
@@ -174,7 +177,7 @@ void RmsNormRows(const T* x, const T* gamma, StatOf<T> epsilon, T* y,
         [&](int64_t j) {
           rms_norm_simd::PrefetchL2(xn + j);
           Put<kStream>(yr + j,
-                       Mul(Mul(Io::Load(xr + j), vinv), Io::Load(gamma + j)));
+                       Mul(Mul(Io::Load(xr + j), vinv), GIo::Load(gamma + j)));
         },
         [&](int64_t j) {
           yr[j] = FromStat<T>(ToStat(xr[j]) * inv * ToStat(gamma[j]));
@@ -186,11 +189,12 @@ void RmsNormRows(const T* x, const T* gamma, StatOf<T> epsilon, T* y,
 // Rows [begin, end) of the backward pass. `partial` (cols values) receives
 // this shard's sum over its rows of dy * x * inv_rms.
 template <bool kStream, typename T>
-void RmsNormGradRows(const T* dy, const T* x, const T* gamma,
+void RmsNormGradRows(const T* dy, const T* x, const StatOf<T>* gamma,
                      const StatOf<T>* inv_rms, T* dx, StatOf<T>* partial,
                      int64_t cols, int64_t begin, int64_t end) {
   using S = StatOf<T>;
   using Io = SimdIo<T>;
+  using GIo = SimdIo<S>;
   using PartialIo = SimdIo<S>;
   using V = typename Io::V;
   std::fill(partial, partial + cols, S(0));
@@ -215,7 +219,7 @@ void RmsNormGradRows(const T* dy, const T* x, const T* gamma,
           rms_norm_simd::PrefetchL2(xn + j);
           const V d = Io::Load(dyr + j);
           const V xv = Io::Load(xr + j);
-          const V g = Io::Load(gamma + j);
+          const V g = GIo::Load(gamma + j);
           PartialIo::Store(partial + j,
                            Fma(d, Mul(xv, vinv), PartialIo::Load(partial + j)));
           Put<kStream>(dxr + j, Fma(vneg_c, xv, Mul(vinv, Mul(g, d))));
@@ -293,6 +297,28 @@ bool PrepareOutput(void* out, int64_t bytes) {
   return bytes >= kStreamMinBytes && (!fresh || HugePagesAvailable());
 }
 
+// gamma in the statistics type: the tensor itself for float and double,
+// otherwise widened once per call into `scratch`, so that the row loops do
+// not convert it again for every row. nullptr (with ctx's status set) if
+// the temporary cannot be allocated.
+template <typename T, typename U>
+const U* GammaAsStat(OpKernelContext* ctx, const T* gamma, int64_t cols,
+                     Tensor* scratch) {
+  if constexpr (std::is_same<T, U>::value) {
+    return gamma;
+  } else {
+    const absl::Status s = ctx->allocate_temp(DataTypeToEnum<U>::v(),
+                                              TensorShape({cols}), scratch);
+    if (!s.ok()) {
+      ctx->SetStatus(s);
+      return nullptr;
+    }
+    U* g = scratch->flat<U>().data();
+    for (int64_t j = 0; j < cols; ++j) g[j] = ToStat(gamma[j]);
+    return g;
+  }
+}
+
 }  // namespace
 
 namespace functor {
@@ -307,7 +333,9 @@ struct RmsNorm<CPUDevice, T, U> {
     const int64_t rows = x.dimension(0);
     const int64_t cols = x.dimension(1);
     const T* xp = x.data();
-    const T* gp = gamma.data();
+    Tensor gamma_scratch;
+    const U* gp = GammaAsStat<T, U>(ctx, gamma.data(), cols, &gamma_scratch);
+    if (gp == nullptr) return;
     T* yp = y.data();
     U* ip = inv_rms.data();
     const bool stream = PrepareOutput(yp, rows * cols * sizeof(T));
@@ -336,7 +364,9 @@ struct RmsNormGrad<CPUDevice, T, U> {
     const int64_t shards = partial.dimension(0);
     const T* dyp = dy.data();
     const T* xp = x.data();
-    const T* gp = gamma.data();
+    Tensor gamma_scratch;
+    const U* gp = GammaAsStat<T, U>(ctx, gamma.data(), cols, &gamma_scratch);
+    if (gp == nullptr) return;
     const U* ip = inv_rms.data();
     T* dxp = dx.data();
     U* pp = partial.data();
