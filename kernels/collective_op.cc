@@ -84,6 +84,13 @@ struct MaxOp {
 template <typename T, typename F>
 void ReduceRange(F f, const T* const* operands, int num_operands, int64_t begin,
                  int64_t end, bool average, int64_t divisor, T* dst) {
+  if (num_operands == 2 && !average) {
+    // The common case (two processes): one pass, element-wise in place.
+    const T* a0 = operands[0];
+    const T* a1 = operands[1];
+    for (int64_t i = begin; i < end; ++i) dst[i] = f(a0[i], a1[i]);
+    return;
+  }
   constexpr int64_t kBlock = 2048;
   alignas(64) T acc[kBlock];
   for (int64_t b = begin; b < end; b += kBlock) {

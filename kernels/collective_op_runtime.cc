@@ -25,6 +25,7 @@
 #include "kernels/collective_op_runtime.h"
 
 #include <sched.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -111,6 +112,7 @@ constexpr int kSegmentsInFlight = 4;
 // Polling: spin (yielding the CPU) this long after the last progress, then
 // sleep between polls; an idle engine wakes this often to look for aborts.
 constexpr auto kSpinWindow = std::chrono::microseconds(300);
+constexpr auto kIdleSpinWindow = std::chrono::microseconds(100);
 constexpr auto kWaitingPoll = std::chrono::microseconds(50);
 constexpr auto kIdlePoll = std::chrono::milliseconds(50);
 constexpr auto kDeadlineCheckInterval = std::chrono::milliseconds(10);
@@ -969,6 +971,9 @@ class Engine {
   std::condition_variable wake_;
   std::condition_variable state_cv_;
   std::vector<std::unique_ptr<Request>> queue_;
+  // Lock-free hints for the polling loop (the mutex guards the real state).
+  std::atomic<int64_t> queue_size_{0};
+  std::atomic<bool> shutdown_flag_{false};
   std::unordered_map<std::string, int64_t> occurrences_;
   bool started_ = false;
   bool init_done_ = false;
@@ -1049,6 +1054,7 @@ void Engine::Enqueue(std::unique_ptr<Request> r) {
       r->key = absl::StrCat(r->name, "#", occurrences_[r->name]++);
       r->enqueued = Clock::now();
       queue_.push_back(std::move(r));
+      queue_size_.fetch_add(1, std::memory_order_relaxed);
       lock.unlock();
       wake_.notify_one();
       return;
@@ -1063,24 +1069,35 @@ void Engine::Shutdown() {
   std::unique_lock<std::mutex> lock(mu_);
   if (!thread_.joinable() || shutdown_requested_) return;
   shutdown_requested_ = true;
+  shutdown_flag_ = true;
   wake_.notify_all();
-  // MPI_Finalize waits for the other processes; never hang the exiting
-  // process on it.
-  const auto limit = std::chrono::duration<double>(config_.timeout_seconds + 5);
-  bool exited = state_cv_.wait_for(lock, limit, [this] { return exited_; });
-  lock.unlock();
-  if (exited) {
-    thread_.join();
-  } else {
-    std::fprintf(stderr,
-                 "hpc_ops: the collective runtime did not stop within %.0f s; "
-                 "exiting without MPI_Finalize\n",
-                 config_.timeout_seconds + 5);
-    thread_.detach();
+  const auto period = std::chrono::duration<double>(config_.timeout_seconds);
+  bool noted = false;
+  while (!state_cv_.wait_for(lock, period, [this] { return exited_; })) {
+    if (!init_done_) {
+      // Stuck in MPI_Init (a process of the job never started): leave.
+      std::fprintf(stderr, "hpc_ops: MPI initialisation did not finish; "
+                           "exiting without MPI_Finalize\n");
+      lock.unlock();
+      thread_.detach();
+      return;
+    }
+    // MPI_Finalize returns once every process of the job called it, as
+    // in any MPI program: a process that finishes early waits here.
+    if (!noted) {
+      std::fprintf(stderr, "hpc_ops: rank %d is waiting for the other "
+                           "processes to finish (MPI_Finalize)\n", rank_);
+      noted = true;
+    }
   }
+  lock.unlock();
+  thread_.join();
 }
 
 void Engine::Run() {
+  // The polls below sleep for tens of microseconds; the default timer slack
+  // (50 us) would double that.
+  prctl(PR_SET_TIMERSLACK, 1000UL, 0UL, 0UL, 0UL);
   absl::Status s = InitMpi();
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -1216,9 +1233,11 @@ void Engine::MainLoop() {
   while (true) {
     std::vector<std::unique_ptr<Request>> fresh;
     bool stop = false;
-    {
+    if (queue_size_.load(std::memory_order_relaxed) > 0 ||
+        shutdown_flag_.load(std::memory_order_relaxed)) {
       std::lock_guard<std::mutex> lock(mu_);
       fresh.swap(queue_);
+      queue_size_.store(0, std::memory_order_relaxed);
       stop = shutdown_requested_;
     }
     if (stop) {
@@ -1755,8 +1774,11 @@ void Engine::Idle(bool progressed) {
   const bool waiting = !is_broken_ && (current_ != nullptr ||
                                        !exec_queue_.empty() ||
                                        !pending_.empty() || !sends_.empty());
-  if (waiting && now - last_activity_ < kSpinWindow) {
-    sched_yield();
+  // Spin (yielding) for a while after the last progress: the next message,
+  // or the next collective of a training step, usually comes within
+  // microseconds, and waking a sleeping thread costs more than that.
+  if (now - last_activity_ < (waiting ? kSpinWindow : kIdleSpinWindow)) {
+    if (queue_size_.load(std::memory_order_relaxed) == 0) sched_yield();
     return;
   }
   std::unique_lock<std::mutex> lock(mu_);

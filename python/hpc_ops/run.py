@@ -7,6 +7,7 @@ This builds and runs (print it with --dry-run)
 
     mpirun -np 4 --oversubscribe [--allow-run-as-root] \\
         --mca orte_abort_on_non_zero_status 0 \\
+        --mca orte_allowed_exit_without_sync 1 \\
         [--mca btl_tcp_if_include lo --mca oob_tcp_if_include lo] \\
         [-x HPC_OPS_TIMEOUT_SECONDS ...] \\
         python .../hpc_ops/run.py --rank-shim STATUS_DIR -- train.py --epochs 3
@@ -15,8 +16,9 @@ This builds and runs (print it with --dry-run)
 added when running as root; the loopback-only transports are used when no
 hosts are given (one machine, no network needed); -x forwards HPC_OPS_*,
 TF_*, PYTHONPATH and friends to remote hosts. By default mpirun kills every
-process as soon as one fails; here it lets the others run, so that they
-report hpc_ops' own error (a collective that times out after
+process as soon as one fails (or exits without MPI_Finalize, which hpc_ops
+skips after a failure); here it lets the others run, so that they report
+hpc_ops' own error (a collective that times out after
 HPC_OPS_TIMEOUT_SECONDS naming the missing rank) and exit by themselves. For
 that, each process runs under a small shim that turns death by a signal into
 an exit status (mpirun 4.1 never finishes if a process dies by a signal while
@@ -96,7 +98,8 @@ def mpirun_command(np, script_args, hosts=None, hostfile=None, extra=(),
   cmd = [mpirun, "-np", str(np), "--oversubscribe"]
   if hasattr(os, "geteuid") and os.geteuid() == 0:
     cmd.append("--allow-run-as-root")
-  cmd += ["--mca", "orte_abort_on_non_zero_status", "0"]
+  cmd += ["--mca", "orte_abort_on_non_zero_status", "0",
+          "--mca", "orte_allowed_exit_without_sync", "1"]
   if hosts:
     cmd += ["-H", hosts]
   if hostfile:

@@ -3,7 +3,7 @@ HPC_OPS_TIMEOUT_SECONDS: one rank dies or stops issuing collectives, and
 the others must fail with a clear error within the timeout, never hang.
 
     failures.py kill RANK    RANK SIGKILLs itself after a first allreduce
-    failures.py stop RANK    RANK sleeps (3 x the timeout), then tries again
+    failures.py stop RANK    RANK sleeps (2 x the timeout + 1 s), then tries again
 
 Each surviving rank prints `RESULT rank=<r> error=<type> elapsed=<s> ...`
 and exits with status 3.
@@ -26,7 +26,7 @@ say("FIRST rank=%d ok" % R)
 if R == victim:
   if mode == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
-  time.sleep(3 * timeout)  # "stop": alive, but issuing nothing
+  time.sleep(2 * timeout + 1)  # "stop": alive, but issuing nothing
 
 # A graph with a large and a small tensor pending at the same time, traced
 # before the clock starts.
