@@ -1,0 +1,331 @@
+"""Allreduce across 2 processes on loopback: hpc_ops vs the MPI limit (mpi4py
+Allreduce on the same buffers), Horovod (when importable) and TensorFlow's
+own cross-process collective (MultiWorkerMirroredStrategy on 127.0.0.1).
+
+    python benchmarks/bench_allreduce.py [--quick] [--np 2]
+
+Run it as a plain script: it launches every peer itself (mpirun for the MPI
+peers, TF_CONFIG subprocesses for TensorFlow), first with the default
+allocators, then again with TF_CPU_ALLOCATOR_USE_BFC=true and
+MALLOC_MMAP_THRESHOLD_=1073741824 (no fresh pages for big buffers; see
+benchmarks/bench_util.py), and prints one Markdown table per setting.
+
+Workload: float32 SUM of 4 KB ... 64 MB tensors, plus 64 tensors of 16 KB
+issued together vs one 1 MB tensor. Each figure is the median over blocks of
+back-to-back calls of the time per allreduce on rank 0 (every call
+synchronises the ranks):
+  hpc_ops tf.function   one allreduce per tf.function call (the training
+                        path: dispatch included)
+  hpc_ops chained       K dependent allreduces inside one tf.function, per
+                        allreduce (dispatch amortised)
+  mpi4py                comm.Allreduce(x, y) on preallocated numpy buffers
+  Horovod               hvd.allreduce in a tf.function, one per call
+  TF collective         replica_ctx.all_reduce under MultiWorkerMirrored-
+                        Strategy, one per tf.function call
+bandwidth ratio = mpi4py time / hpc_ops time (>= 0.9 wanted from 1 MB up).
+"""
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_util  # noqa: E402
+
+SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20]
+QUICK_SIZES = [4 << 10, 1 << 20, 16 << 20]
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824",
+              "MALLOC_TRIM_THRESHOLD_": "4294967295"}
+
+
+def reps_for(nbytes, quick):
+  """(blocks, calls per block)."""
+  if nbytes <= 64 << 10:
+    return (5, 100) if not quick else (3, 40)
+  if nbytes <= 1 << 20:
+    return (5, 30) if not quick else (3, 10)
+  if nbytes <= 16 << 20:
+    return (5, 6) if not quick else (3, 3)
+  return (4, 3) if not quick else (2, 2)
+
+
+def block_median(fn, blocks, calls):
+  fn()
+  fn()
+  times = []
+  for _ in range(blocks):
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      fn()
+    times.append((time.perf_counter() - t0) / calls)
+  return statistics.median(times)
+
+
+def emit(rank, **kv):
+  if rank == 0:
+    print("RESULT " + json.dumps(kv), flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Workers (one process per rank).
+
+
+def worker_hpc_ops(sizes, quick):
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import tensorflow as tf
+  import hpc_ops.collective as coll
+  import hpc_ops.distributed as hd
+  hd.init()
+  r, p = hd.rank(), hd.size()
+  for nbytes in sizes:
+    blocks, calls = reps_for(nbytes, quick)
+    x = tf.fill([nbytes // 4], float(r + 1))
+    one = tf.function(lambda v: coll.allreduce(v, "sum"))
+    k = 10 if nbytes <= 1 << 20 else 3
+
+    @tf.function
+    def chained(v):
+      for _ in range(k):
+        v = coll.allreduce(v, "average")
+      return v
+
+    y = one(x)
+    assert float(y[0]) == p * (p + 1) / 2 and float(y[-1]) == float(y[0])
+    t_one = block_median(lambda: one(x), blocks, calls)
+    t_chain = block_median(lambda: chained(x), blocks,
+                           max(1, calls // k)) / k
+    emit(r, peer="hpc_ops", bytes=nbytes, seconds=t_one)
+    emit(r, peer="hpc_ops_chained", bytes=nbytes, seconds=t_chain)
+
+  # 64 tensors of 16 KB issued together vs one tensor of 1 MB. The 64 come
+  # from one [64, 4096] input and go back into one output, so that both
+  # functions pass one tensor in and out.
+  blocks, calls = reps_for(1 << 20, quick)
+  small = tf.fill([64, 4096], float(r + 1))
+  big = tf.fill([1 << 18], float(r + 1))
+  many = tf.function(lambda v: tf.stack(
+      [coll.allreduce(t, "sum") for t in tf.unstack(v)]))
+  single = tf.function(lambda v: coll.allreduce(v, "sum"))
+  many(small)
+  before = coll.stats()
+  t_many = block_median(lambda: many(small), blocks, calls)
+  after = coll.stats()
+  t_single = block_median(lambda: single(big), blocks, calls)
+  fused = (after["tensors"] - before["tensors"]) / max(
+      1, after["operations"] - before["operations"])
+  emit(r, peer="hpc_ops_64x16KB", bytes=1 << 20, seconds=t_many,
+       tensors_per_operation=fused)
+  emit(r, peer="hpc_ops_1x1MB", bytes=1 << 20, seconds=t_single)
+
+
+def worker_mpi4py(sizes, quick):
+  import numpy as np
+  from mpi4py import MPI
+  comm = MPI.COMM_WORLD
+  r = comm.Get_rank()
+  for nbytes in sizes:
+    blocks, calls = reps_for(nbytes, quick)
+    x = np.full(nbytes // 4, r + 1, np.float32)
+    y = np.empty_like(x)
+    t = block_median(lambda: comm.Allreduce(x, y, op=MPI.SUM), blocks,
+                     calls * 3)
+    assert y[0] == comm.Get_size() * (comm.Get_size() + 1) / 2
+    emit(r, peer="mpi4py", bytes=nbytes, seconds=t)
+
+
+def worker_horovod(sizes, quick):
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import tensorflow as tf
+  import horovod.tensorflow as hvd
+  hvd.init()
+  r = hvd.rank()
+  for nbytes in sizes:
+    blocks, calls = reps_for(nbytes, quick)
+    x = tf.fill([nbytes // 4], float(r + 1))
+    one = tf.function(lambda v: hvd.allreduce(v, op=hvd.Sum))
+    t = block_median(lambda: one(x), blocks, calls)
+    emit(r, peer="horovod", bytes=nbytes, seconds=t)
+
+
+def worker_tf_collective(sizes, quick):
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import tensorflow as tf
+  comm = tf.distribute.experimental.CommunicationOptions(
+      implementation=tf.distribute.experimental.CommunicationImplementation.RING)
+  strategy = tf.distribute.MultiWorkerMirroredStrategy(
+      communication_options=comm)
+  r = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+  device = strategy.extended.worker_devices[0]
+  total = tf.distribute.ReduceOp.SUM
+  for nbytes in sizes:
+    blocks, calls = reps_for(nbytes, quick)
+    with strategy.scope():
+      x = tf.fill([nbytes // 4], float(r + 1))
+
+    def replica_fn(v):
+      with tf.device(device):  # all_reduce needs a placed input
+        v = tf.identity(v)
+      return tf.distribute.get_replica_context().all_reduce(total, v)
+
+    step = tf.function(lambda v: strategy.run(replica_fn, args=(v,)))
+    t = block_median(lambda: step(x).numpy(), blocks, max(1, calls // 2))
+    emit(r, peer="tf_collective", bytes=nbytes, seconds=t)
+
+
+WORKERS = {"hpc_ops": worker_hpc_ops, "mpi4py": worker_mpi4py,
+           "horovod": worker_horovod, "tf_collective": worker_tf_collective}
+
+
+# ---------------------------------------------------------------------------
+# Launchers (the parent process).
+
+
+def importable(module):
+  code = "import importlib.util, sys; " \
+         "sys.exit(0 if importlib.util.find_spec(%r) else 1)" % module
+  return subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def run_collect(cmd, env, timeout):
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+  results = [json.loads(line[len("RESULT "):])
+             for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+  if proc.returncode != 0 or not results:
+    print("  (%s failed, rc=%d: %s)" % (cmd[-3], proc.returncode,
+                                         proc.stderr.strip()[-800:]))
+  return results
+
+
+def launch_mpi(peer, args, env):
+  cmd = ["mpirun", "-np", str(args.np), "--oversubscribe"]
+  if os.geteuid() == 0:
+    cmd.append("--allow-run-as-root")
+  for name in env:
+    if name.startswith(("HPC_OPS_", "TF_", "MALLOC_")):
+      cmd += ["-x", name]
+  cmd += [sys.executable, os.path.abspath(__file__), "--worker", peer]
+  if args.quick:
+    cmd.append("--quick")
+  return run_collect(cmd, env, timeout=900)
+
+
+def launch_tf_collective(args, env):
+  ports = []
+  for _ in range(args.np):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    ports.append(s.getsockname()[1])
+    s.close()
+  cluster = {"worker": ["127.0.0.1:%d" % p for p in ports]}
+  procs = []
+  for i in range(args.np):
+    wenv = dict(env, TF_CONFIG=json.dumps(
+        {"cluster": cluster, "task": {"type": "worker", "index": i}}))
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker",
+           "tf_collective"] + (["--quick"] if args.quick else [])
+    procs.append(subprocess.Popen(cmd, env=wenv, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  results = []
+  try:
+    out, err = procs[0].communicate(timeout=900)
+    for p in procs[1:]:
+      p.communicate(timeout=60)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  results = [json.loads(line[len("RESULT "):]) for line in out.splitlines()
+             if line.startswith("RESULT ")]
+  if not results:
+    print("  (TF collective failed: %s)" % err.strip()[-800:])
+  return results
+
+
+def fmt_size(nbytes):
+  return "%d KB" % (nbytes >> 10) if nbytes < 1 << 20 else "%d MB" % (nbytes >> 20)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="fewer sizes/reps")
+  parser.add_argument("--np", type=int, default=2, help="processes")
+  parser.add_argument("--worker", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  sizes = QUICK_SIZES if args.quick else SIZES
+  if args.worker:
+    WORKERS[args.worker](sizes, args.quick)
+    return
+
+  setting = bench_util.allocator_name()
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  if setting == "BFC":
+    env.update(MALLOC_ENV)
+  label = ("TF default allocator, glibc malloc defaults" if setting == "default"
+           else "TF_CPU_ALLOCATOR_USE_BFC=true, MALLOC_MMAP_THRESHOLD_=1073741824")
+  print("\n## Allreduce, float32 SUM, %d processes on loopback (%s)" %
+        (args.np, label), flush=True)
+  if shutil.which("mpirun") is None:
+    sys.exit("mpirun not found: install Open MPI")
+  results = []
+  print("  running hpc_ops ...", flush=True)
+  results += launch_mpi("hpc_ops", args, env)
+  if importable("mpi4py"):
+    print("  running mpi4py ...", flush=True)
+    results += launch_mpi("mpi4py", args, env)
+  else:
+    print("  note: mpi4py is not installed, so the MPI-limit column is empty "
+          "(MPICC=mpicc pip install --no-binary mpi4py mpi4py)")
+  if importable("horovod"):
+    print("  running Horovod ...", flush=True)
+    results += launch_mpi("horovod", args, env)
+  else:
+    print("  note: Horovod is not importable, so its column is empty")
+  print("  running TF MultiWorkerMirroredStrategy ...", flush=True)
+  results += launch_tf_collective(args, env)
+
+  by = {(r["peer"], r["bytes"]): r for r in results}
+
+  def t(peer, nbytes):
+    r = by.get((peer, nbytes))
+    return r["seconds"] if r else None
+
+  def cell(sec):
+    return bench_util.fmt_time(sec) if sec else "-"
+
+  def ratio(a, b):
+    return "%.2fx" % (a / b) if a and b else "-"
+
+  rows = []
+  for nbytes in sizes:
+    ours, chain = t("hpc_ops", nbytes), t("hpc_ops_chained", nbytes)
+    mpi, hvd, tfc = (t("mpi4py", nbytes), t("horovod", nbytes),
+                     t("tf_collective", nbytes))
+    rows.append([fmt_size(nbytes), cell(ours), cell(chain),
+                 "%.2f GB/s" % (nbytes / ours / 1e9) if ours else "-",
+                 cell(mpi), ratio(mpi, ours), ratio(mpi, chain), cell(hvd),
+                 ratio(hvd, ours), cell(tfc), ratio(tfc, ours)])
+  bench_util.print_table(
+      "Time per allreduce (%s)" % label,
+      ["size", "hpc_ops tf.function", "hpc_ops chained", "hpc_ops algbw",
+       "mpi4py", "bw vs mpi4py", "chained bw vs mpi4py", "Horovod",
+       "speedup vs Horovod", "TF collective", "speedup vs TF"], rows)
+  many, single = by.get(("hpc_ops_64x16KB", 1 << 20)), t("hpc_ops_1x1MB", 1 << 20)
+  if many and single:
+    bench_util.print_table(
+        "64 tensors of 16 KB issued together vs one 1 MB tensor (%s)" % label,
+        ["64 x 16 KB", "1 x 1 MB", "ratio", "tensors per fused operation"],
+        [[cell(many["seconds"]), cell(single),
+          "%.2fx" % (many["seconds"] / single),
+          "%.1f" % many["tensors_per_operation"]]])
+  if setting == "default":
+    bench_util.run_under_both_allocators()
+
+
+if __name__ == "__main__":
+  main()
