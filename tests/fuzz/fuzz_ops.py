@@ -16,6 +16,7 @@ it is in the file named by --case-file (written before each call).
 Op specs live in tests/fuzz/spec_<family>.py, each with a list SPECS.
 """
 import argparse
+import faulthandler
 import glob
 import importlib
 import os
@@ -38,6 +39,11 @@ import strategies  # noqa: E402
 
 # Outcomes that are fine: the op ran, or refused cleanly.
 ACCEPTED = (tf.errors.OpError, TypeError, ValueError)
+
+# A case that runs longer than this is a hang (e.g. a collective waiting for
+# a partner that never comes): every thread's stack is printed and the
+# process exits, so the case file names it. Fuzz cases are small tensors.
+HANG_SECONDS = float(os.environ.get("HPC_OPS_FUZZ_HANG_SECONDS", "60"))
 
 
 class OpSpec:
@@ -81,6 +87,7 @@ def _record(case_file, spec, inputs, attrs):
 
 def run_case(spec, inputs, attrs, case_file=None):
   _record(case_file, spec, inputs, attrs)
+  faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
   try:
     out = raw_call(spec.op, inputs, attrs, spec.num_outputs)
     for t in out:
@@ -88,6 +95,8 @@ def run_case(spec, inputs, attrs, case_file=None):
     return "ok"
   except ACCEPTED as e:
     return type(e).__name__
+  finally:
+    faulthandler.cancel_dump_traceback_later()
 
 
 def fuzz(spec, seconds, case_file=None):
@@ -125,7 +134,10 @@ def main(argv=None):
     with open(args.replay, "rb") as f:
       case = pickle.load(f)
     print("replaying %s attrs=%r" % (case["op"], case["attrs"]))
-    print(run_case(specs[case["op"]], case["inputs"], case["attrs"]))
+    spec = specs[case["op"]]
+    if spec.setup:
+      spec.setup()
+    print(run_case(spec, case["inputs"], case["attrs"]))
     return 0
   names = [n for n in args.ops.split(",") if n] or sorted(specs)
   missing = [n for n in names if n not in specs]
