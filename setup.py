@@ -6,6 +6,7 @@ wrapper, then they are packaged next to the hand-written Python files.
 
 Needs `bazel` (or `bazelisk`) on PATH; Debian: apt-get install bazel-bootstrap.
 """
+import hashlib
 import os
 import re
 import shutil
@@ -41,11 +42,17 @@ class BazelBuildPy(build_py):
     tf_flags = subprocess.check_output(
         [sys.executable, os.path.join(ROOT, "tools", "tf_config.py"), "--flags"],
         text=True).splitlines()
-    bazel = _bazel()
+    # A Bazel server and output tree of its own: a wheel built against
+    # another TensorFlow (pip's isolated env) neither invalidates the
+    # developer build's cache nor repoints its bazel-* symlinks.
+    bazel = [_bazel(), "--output_base=" + os.path.join(
+        tempfile.gettempdir(),
+        "hpc_ops_wheel_bazel_" + hashlib.sha1(ROOT.encode()).hexdigest()[:12])]
+    flags = tf_flags + ["--symlink_prefix=/"]
     try:
-      subprocess.check_call([bazel, "build"] + tf_flags + ["//:hpc_ops"], cwd=ROOT)
+      subprocess.check_call(bazel + ["build"] + flags + ["//:hpc_ops"], cwd=ROOT)
       bazel_bin = subprocess.check_output(
-          [bazel, "info"] + tf_flags + ["bazel-bin"], cwd=ROOT, text=True).strip()
+          bazel + ["info"] + flags + ["bazel-bin"], cwd=ROOT, text=True).strip()
       super().run()
       dest = os.path.join(self.build_lib, "hpc_ops")
       os.makedirs(dest, exist_ok=True)
@@ -59,10 +66,8 @@ class BazelBuildPy(build_py):
           os.remove(target)
         shutil.copyfile(os.path.join(bazel_bin, name), target)
     finally:
-      # A build from an unpacked sdist in a temporary dir must not leave a
-      # Bazel server (~0.5 GB) running for a workspace about to be deleted.
-      if os.path.realpath(ROOT).startswith(os.path.realpath(tempfile.gettempdir())):
-        subprocess.call([bazel, "shutdown"], cwd=ROOT)
+      # Don't leave the wheel build's Bazel server (~0.5 GB) running.
+      subprocess.call(bazel + ["shutdown"], cwd=ROOT)
 
 
 class BinaryDistribution(Distribution):
