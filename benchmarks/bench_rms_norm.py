@@ -18,13 +18,17 @@ machine's copy bandwidth (bytes read + written): bench_util's one-thread
 numpy copy, and the same copy split over as many Python threads as TF's
 intra-op pool has (numpy releases the GIL while copying), the figure the
 targets are stated against. "x best peer" is the best peer's time divided by
-the variant's (> 1: faster than every TensorFlow/Keras way).
+the variant's (> 1: faster than every TensorFlow/Keras way). The machine is
+shared and its load drifts: every variant and the copy are timed in three
+interleaved rounds and reported as the median of their samples, so drift
+hits them alike and the ratios hold better than the absolute times.
 
 Usage: python benchmarks/bench_rms_norm.py [--quick] [--shapes 4096x1024 ...]
   [--dtypes float32 bfloat16]
 """
 import argparse
 import os
+import statistics
 import sys
 import threading
 import time
@@ -49,24 +53,28 @@ def composite(x, gamma):
                            + EPS) * gamma
 
 
-def threaded_copy_bandwidth_gbs(threads, nbytes=1 << 30):
-  """Copy bandwidth (bytes read + written) of `threads` Python threads each
-  copying a slice of a `nbytes` float32 array into an already-touched one."""
-  src = np.ones(nbytes // 4, np.float32)
-  dst = np.zeros_like(src)
-  bounds = np.linspace(0, src.size, threads + 1).astype(np.int64)
+class ThreadedCopy:
+  """A numpy copy of `nbytes` (float32) into an already-touched buffer, split
+  over `threads` Python threads (numpy releases the GIL while copying)."""
 
-  def copy():
+  def __init__(self, threads, nbytes=512 << 20):
+    self.nbytes = nbytes
+    self.src = np.ones(nbytes // 4, np.float32)
+    self.dst = np.zeros_like(self.src)
+    self.bounds = np.linspace(0, self.src.size, threads + 1).astype(np.int64)
+
+  def __call__(self):
     ts = [threading.Thread(target=np.copyto,
-                           args=(dst[b:e], src[b:e]))
-          for b, e in zip(bounds[:-1], bounds[1:])]
+                           args=(self.dst[b:e], self.src[b:e]))
+          for b, e in zip(self.bounds[:-1], self.bounds[1:])]
     for t in ts:
       t.start()
     for t in ts:
       t.join()
 
-  t = bench_util.median_time(copy, reps=5, warmup=1)
-  return 2 * nbytes / t / 1e9
+  def gbs(self, seconds):
+    """Bytes read + written per second."""
+    return 2 * self.nbytes / seconds / 1e9
 
 
 def make_case(shape, dtype):
@@ -126,30 +134,51 @@ def max_error(y, x, gamma, rows=256):
   return float(tf.reduce_max(tf.abs(got - ref)))
 
 
-def timed(fn, reps, budget_s=4.0):
-  """Median seconds per call; slow variants (seconds per call on the big
-  shapes) get fewer repetitions, at least 3."""
-  fn()  # traces / compiles
-  t0 = time.perf_counter()
-  fn()
-  once = time.perf_counter() - t0
-  reps = max(3, min(reps, int(budget_s / max(once, 1e-9))))
-  return bench_util.median_time(fn, reps=reps, warmup=1)
+def sample(fn, n, warmup):
+  """n wall-clock times of fn() (which blocks until its result is ready)."""
+  for _ in range(warmup):
+    fn()
+  out = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    fn()
+    out.append(time.perf_counter() - t0)
+  return out
 
 
-def bench_case(shape, dtype, reps):
-  """{variant: (forward s, forward+backward s, max error)}."""
+def bench_case(shape, dtype, reps, copy, rounds=3, budget_s=4.0):
+  """{variant: (forward s, forward+backward s, max error)} and the median
+  copy time. The machine is shared and its load drifts, so every variant
+  (and the copy) is timed in each of `rounds` interleaved rounds and the
+  median of all its samples is reported. Slow variants (seconds per call)
+  get fewer samples, at least one per round."""
   x, dy, gamma, variants = make_case(shape, dtype)
-  results = {}
+  fns, errors = {}, {}
   for name, (f, fb) in variants.items():
-    err = max_error(f(x), x, gamma)
-    t_f = timed(lambda: f(x), reps)
-    t_fb = timed(lambda: fb(x, dy), reps)
-    results[name] = (t_f, t_fb, err)
-    print("  %-24s fwd %9s  fwd+bwd %9s" % (name, bench_util.fmt_time(t_f),
-                                              bench_util.fmt_time(t_fb)),
-          file=sys.stderr, flush=True)
-  return results
+    errors[name] = max_error(f(x), x, gamma)
+    for mode, fn in [("fwd", lambda f=f: f(x)),
+                     ("fwd+bwd", lambda fb=fb: fb(x, dy))]:
+      fn()  # traces / compiles
+      t0 = time.perf_counter()
+      fn()
+      once = time.perf_counter() - t0
+      n = max(1, min(reps, int(budget_s / once)) // rounds)
+      fns[name, mode] = (fn, n, 1 if once < 0.2 else 0)
+  times = {key: [] for key in fns}
+  copy_times = []
+  for _ in range(rounds):
+    copy_times += sample(copy, 2, 1)
+    for key, (fn, n, warmup) in fns.items():
+      times[key] += sample(fn, n, warmup)
+  med = {key: statistics.median(v) for key, v in times.items()}
+  results = {}
+  for name in variants:
+    results[name] = (med[name, "fwd"], med[name, "fwd+bwd"], errors[name])
+    print("  %-24s fwd %9s  fwd+bwd %9s" % (
+        name, bench_util.fmt_time(med[name, "fwd"]),
+        bench_util.fmt_time(med[name, "fwd+bwd"])), file=sys.stderr,
+          flush=True)
+  return results, statistics.median(copy_times)
 
 
 def main():
@@ -165,24 +194,27 @@ def main():
   threads = tf.config.threading.get_intra_op_parallelism_threads() or \
       os.cpu_count()
   alloc = bench_util.allocator_name()
+  copy = ThreadedCopy(threads)
   print("\n## RMSNorm, %s allocator (TF %s, Keras %s, %d CPU threads)"
         % (alloc, tf.__version__, keras.__version__, threads))
-  print("\nCopy bandwidth: bytes read + written per second by a numpy copy "
-        "of 1 GiB into a touched buffer, with 1 thread "
-        "(bench_util.memory_bandwidth_gbs) and with %d threads, measured just "
-        "before each case (the machine is shared, so it drifts)." % threads)
+  print("\nTimes are medians over 3 interleaved rounds of every variant. "
+        "Copy bandwidth = bytes read + written per second by a numpy copy "
+        "into a touched buffer: 1 GiB with 1 thread "
+        "(bench_util.memory_bandwidth_gbs, before each case) and 512 MiB "
+        "split over %d threads (in every round, like the variants)."
+        % threads)
 
   detail, summary = [], []
   for shape in shapes:
     for dt_name in args.dtypes:
       dtype = tf.as_dtype(dt_name)
       nbytes = int(np.prod(shape)) * dtype.size
-      reps = 5 if args.quick else (20 if nbytes <= (64 << 20) else 6)
+      reps = 6 if args.quick else (30 if nbytes <= (64 << 20) else 9)
       print("%s %s (%s allocator)" % ("x".join(map(str, shape)), dt_name,
                                       alloc), file=sys.stderr, flush=True)
       bw1 = bench_util.memory_bandwidth_gbs()
-      bwn = threaded_copy_bandwidth_gbs(threads)
-      res = bench_case(shape, dtype, reps)
+      res, t_copy = bench_case(shape, dtype, reps, copy)
+      bwn = copy.gbs(t_copy)
       peers = {k: v for k, v in res.items() if k not in OURS}
       best_f = min(peers, key=lambda k: peers[k][0])
       best_fb = min(peers, key=lambda k: peers[k][1])
