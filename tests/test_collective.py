@@ -262,11 +262,21 @@ def launch(np_, args, env=None, timeout=240, as_module=False):
 
 
 def leftover_processes(marker):
-  """Processes whose command line mentions `marker` (a worker path)."""
-  out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True,
-                       text=True).stdout
-  return [line for line in out.splitlines()[1:]
-          if marker in line and "ps -eo" not in line]
+  """Processes whose command line mentions `marker` (a worker path). Reads
+  /proc rather than running ps: procps' ps deadlocks in textdomain() when
+  the ASan runtime is preloaded (tools/asan_test.sh)."""
+  found = []
+  for pid in os.listdir("/proc"):
+    if not pid.isdigit() or int(pid) == os.getpid():
+      continue
+    try:
+      with open("/proc/%s/cmdline" % pid, "rb") as f:
+        args = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:  # the process just exited
+      continue
+    if marker in args:
+      found.append("%s %s" % (pid, args.strip()))
+  return found
 
 
 CHECKS = ["process_info"] + [
