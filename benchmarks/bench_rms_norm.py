@@ -43,6 +43,10 @@ import keras  # noqa: E402
 import bench_util  # noqa: E402
 import hpc_ops  # noqa: E402
 
+# Each variant wraps its own tf.function around the same Python function;
+# TF's retracing warning about that is noise here.
+tf.get_logger().setLevel("ERROR")
+
 EPS = 1e-6
 SHAPES = ["4096x1024", "16384x4096", "8x2048x4096"]
 OURS = ("hpc_ops eager", "hpc_ops tf.function")
