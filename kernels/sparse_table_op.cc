@@ -197,9 +197,12 @@ class SparseTablePushOp : public OpKernel {
                       "SparseTablePush: learning_rate must be > 0 for the ftrl optimizer, got ",
                       learning_rate));
     }
+    Tensor* step = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &step));
     OP_REQUIRES_OK(ctx, functor::SparseTablePush<Device>()(
                             ctx, table.get(), keys.flat<int64_t>().data(), n,
-                            grads.flat<float>().data(), learning_rate));
+                            grads.flat<float>().data(), learning_rate,
+                            &step->scalar<int64_t>()()));
   }
 };
 
@@ -252,24 +255,21 @@ class SparseTableExportOp : public OpKernel {
     int64_t* c_out = counters->flat<int64_t>().data();
     const int64_t header = c.header_bytes();
     const int64_t slot_floats = num_slots * dim;
-    CpuParallelFor(ctx, S, std::max<int64_t>(1, n / S) * (4 * dim + 50) + 1,
-                   [&](int64_t sb, int64_t se) {
-                     for (int64_t s = sb; s < se; ++s) {
-                       const sparse_table::RowArena& arena = table->shard(s).arena;
-                       for (int64_t r = 0, i = begin[s]; i < begin[s + 1]; ++r, ++i) {
-                         char* row = arena.Row(r);
-                         std::memcpy(&k_out[i], row, sizeof(int64_t));
-                         const float* w = reinterpret_cast<const float*>(row + header);
-                         std::memcpy(v_out + i * dim, w, dim * sizeof(float));
-                         std::memcpy(s_out + i * slot_floats, w + dim,
-                                     slot_floats * sizeof(float));
-                         const uint32_t* cnt = table->Counters(row);
-                         for (int j = 0; j < num_counters; ++j) {
-                           c_out[i * num_counters + j] = cnt[j];
-                         }
-                       }
-                     }
-                   });
+    // The copy runs on this thread: waiting for the thread pool while
+    // holding shard locks could deadlock with pool tasks (another op's pull
+    // or push) blocked on those locks.
+    for (int s = 0; s < S; ++s) {
+      const sparse_table::RowArena& arena = table->shard(s).arena;
+      for (int64_t r = 0, i = begin[s]; i < begin[s + 1]; ++r, ++i) {
+        const char* row = arena.Row(r);
+        std::memcpy(&k_out[i], row, sizeof(int64_t));
+        const float* w = reinterpret_cast<const float*>(row + header);
+        std::memcpy(v_out + i * dim, w, dim * sizeof(float));
+        std::memcpy(s_out + i * slot_floats, w + dim, slot_floats * sizeof(float));
+        const uint32_t* cnt = reinterpret_cast<const uint32_t*>(row + 8);
+        for (int j = 0; j < num_counters; ++j) c_out[i * num_counters + j] = cnt[j];
+      }
+    }
   }
 };
 

@@ -16,6 +16,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -126,12 +130,27 @@ void InitialValues(const TableConfig& config, int64_t key, float* out);
 // ---------------------------------------------------------------------------
 // Optimizer functors: one update of one row with the batch's summed gradient
 // `g` (the table sums duplicate keys first). `w` is the row's value, `slots`
-// its slot vectors (dim floats each), `counters` its counters.
+// its slot vectors (dim floats each), `counters` its counters. The AVX loops
+// and their scalar tails use the same operations in the same order (with
+// fused multiply-adds where written), so a column's result does not depend
+// on its position in the row.
+#if defined(__AVX2__) && defined(__FMA__)
+#define HPC_OPS_SPARSE_TABLE_AVX 1
+#endif
+
 struct SgdUpdate {
   void operator()(const TableConfig& c, float lr, const float* g, float* w,
                   float* slots, uint32_t* counters) const {
     const int64_t d = c.dim;
-    for (int64_t j = 0; j < d; ++j) w[j] -= lr * g[j];
+    int64_t j = 0;
+#ifdef HPC_OPS_SPARSE_TABLE_AVX
+    const __m256 vlr = _mm256_set1_ps(lr);
+    for (; j + 8 <= d; j += 8) {
+      _mm256_storeu_ps(w + j, _mm256_fnmadd_ps(vlr, _mm256_loadu_ps(g + j),
+                                               _mm256_loadu_ps(w + j)));
+    }
+#endif
+    for (; j < d; ++j) w[j] = std::fma(-lr, g[j], w[j]);
   }
 };
 
@@ -142,9 +161,22 @@ struct AdagradUpdate {
     const int64_t d = c.dim;
     const float eps = c.epsilon;
     float* acc = slots;
-    for (int64_t j = 0; j < d; ++j) {
-      acc[j] += g[j] * g[j];
-      w[j] -= lr * g[j] / (std::sqrt(acc[j]) + eps);
+    int64_t j = 0;
+#ifdef HPC_OPS_SPARSE_TABLE_AVX
+    const __m256 vlr = _mm256_set1_ps(lr);
+    const __m256 veps = _mm256_set1_ps(eps);
+    for (; j + 8 <= d; j += 8) {
+      const __m256 vg = _mm256_loadu_ps(g + j);
+      const __m256 va = _mm256_fmadd_ps(vg, vg, _mm256_loadu_ps(acc + j));
+      _mm256_storeu_ps(acc + j, va);
+      const __m256 q = _mm256_div_ps(_mm256_mul_ps(vlr, vg),
+                                     _mm256_add_ps(_mm256_sqrt_ps(va), veps));
+      _mm256_storeu_ps(w + j, _mm256_sub_ps(_mm256_loadu_ps(w + j), q));
+    }
+#endif
+    for (; j < d; ++j) {
+      acc[j] = std::fma(g[j], g[j], acc[j]);
+      w[j] = w[j] - (lr * g[j]) / (std::sqrt(acc[j]) + eps);
     }
   }
 };
@@ -163,15 +195,32 @@ struct AdamUpdate {
         static_cast<double>(lr) * std::sqrt(1.0 - std::pow(double{c.beta2}, t)) /
         (1.0 - std::pow(double{c.beta1}, t)));
     const int64_t d = c.dim;
-    const float one_minus_b1 = 1.0f - c.beta1;
-    const float one_minus_b2 = 1.0f - c.beta2;
+    const float b1c = 1.0f - c.beta1;
+    const float b2c = 1.0f - c.beta2;
     const float eps = c.epsilon;
     float* m = slots;
     float* v = slots + d;
-    for (int64_t j = 0; j < d; ++j) {
-      m[j] += (g[j] - m[j]) * one_minus_b1;
-      v[j] += (g[j] * g[j] - v[j]) * one_minus_b2;
-      w[j] -= m[j] * alpha / (std::sqrt(v[j]) + eps);
+    int64_t j = 0;
+#ifdef HPC_OPS_SPARSE_TABLE_AVX
+    const __m256 vb1c = _mm256_set1_ps(b1c), vb2c = _mm256_set1_ps(b2c);
+    const __m256 valpha = _mm256_set1_ps(alpha), veps = _mm256_set1_ps(eps);
+    for (; j + 8 <= d; j += 8) {
+      const __m256 vg = _mm256_loadu_ps(g + j);
+      __m256 vm = _mm256_loadu_ps(m + j);
+      __m256 vv = _mm256_loadu_ps(v + j);
+      vm = _mm256_fmadd_ps(_mm256_sub_ps(vg, vm), vb1c, vm);
+      vv = _mm256_fmadd_ps(_mm256_fmsub_ps(vg, vg, vv), vb2c, vv);
+      _mm256_storeu_ps(m + j, vm);
+      _mm256_storeu_ps(v + j, vv);
+      const __m256 q = _mm256_div_ps(_mm256_mul_ps(vm, valpha),
+                                     _mm256_add_ps(_mm256_sqrt_ps(vv), veps));
+      _mm256_storeu_ps(w + j, _mm256_sub_ps(_mm256_loadu_ps(w + j), q));
+    }
+#endif
+    for (; j < d; ++j) {
+      m[j] = std::fma(g[j] - m[j], b1c, m[j]);
+      v[j] = std::fma(std::fma(g[j], g[j], -v[j]), b2c, v[j]);
+      w[j] = w[j] - (m[j] * alpha) / (std::sqrt(v[j]) + eps);
     }
   }
 };
@@ -278,6 +327,8 @@ class SparseTable : public tensorflow::ResourceBase {
 
 // Locks every shard in index order (the one global lock order; pull and
 // push hold one shard lock at a time, so this cannot deadlock with them).
+// Rule for every kernel: never wait for the CPU thread pool while holding a
+// shard lock (pool threads may be blocked on that lock).
 class AllShardsLock {
  public:
   AllShardsLock(SparseTable* table, bool exclusive);
@@ -322,14 +373,14 @@ struct SparseTablePull {
                                 bool insert_missing, float* values);
 };
 
-// Sums grads[i, :] over equal keys, then applies the table's optimizer once
-// per distinct key.
+// Advances the table's step (returned in *step), sums grads[i, :] over equal
+// keys, then applies the table's optimizer once per distinct key.
 template <typename Device>
 struct SparseTablePush {
   absl::Status operator()(tensorflow::OpKernelContext* ctx,
-                                sparse_table::SparseTable* table,
-                                const int64_t* keys, int64_t n,
-                                const float* grads, float learning_rate);
+                          sparse_table::SparseTable* table, const int64_t* keys,
+                          int64_t n, const float* grads, float learning_rate,
+                          int64_t* step);
 };
 
 }  // namespace functor

@@ -10,6 +10,10 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include "kernels/common/cpu_parallel.h"
 #include "kernels/sparse_table_op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -406,8 +410,63 @@ using sparse_table::SparseTable;
 
 namespace {
 
-// How many keys ahead a shard loop prefetches index buckets.
-constexpr int64_t kPrefetchDistance = 8;
+// Shard loops hide memory latency with two prefetch stages: key i + 16's
+// index bucket, and key i + 8's (probable) row, found through its bucket.
+constexpr int64_t kBucketAhead = 16;
+constexpr int64_t kRowAhead = 8;
+constexpr int64_t kRing = 32;  // power of two > kBucketAhead
+
+// Prefetches the cache lines of [p, p + bytes) (for writing if `write`).
+template <bool write>
+inline void PrefetchBytes(const void* p, int64_t bytes) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63};
+  const uintptr_t last = reinterpret_cast<uintptr_t>(p) + bytes - 1;
+  for (uintptr_t a = first; a <= last; a += 64) {
+    __builtin_prefetch(reinterpret_cast<const void*>(a), write ? 1 : 0);
+  }
+}
+
+// Calls fn(i, KeyHash(e[i].key)) for i in [0, k), in order, prefetching the
+// bucket and then the first `row_bytes` of the row of keys further ahead;
+// ahead(j) is called with the bucket prefetch of key j (to prefetch the
+// key's batch data). fn may overwrite e[j] for j <= i.
+template <typename Fn, typename Ahead>
+void ForEachKeyPrefetched(const Shard& sh, const GroupedKey* e, int64_t k,
+                          int64_t row_bytes, Ahead ahead, Fn fn)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  uint64_t hashes[kRing];
+  auto bucket_stage = [&](int64_t j) {
+    const uint64_t h = KeyHash(e[j].key);
+    hashes[j & (kRing - 1)] = h;
+    sh.index.Prefetch(h);
+    ahead(j);
+  };
+  auto row_stage = [&](int64_t j) {
+    const int64_t r = sh.index.FirstCandidate(hashes[j & (kRing - 1)]);
+    if (r >= 0) PrefetchBytes<false>(sh.arena.Row(r), row_bytes);
+  };
+  const int64_t a = std::min(k, kBucketAhead);
+  for (int64_t j = 0; j < a; ++j) bucket_stage(j);
+  const int64_t b = std::min(k, kRowAhead);
+  for (int64_t j = 0; j < b; ++j) row_stage(j);
+  for (int64_t i = 0; i < k; ++i) {
+    if (i + kBucketAhead < k) bucket_stage(i + kBucketAhead);
+    if (i + kRowAhead < k) row_stage(i + kRowAhead);
+    fn(i, hashes[i & (kRing - 1)]);
+  }
+}
+
+// Copies one row of floats inline (a libc call per row costs more than the
+// copy for the usual widths).
+inline void CopyFloats(float* dst, const float* src, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX__)
+  for (; j + 8 <= n; j += 8) {
+    _mm256_storeu_ps(dst + j, _mm256_loadu_ps(src + j));
+  }
+#endif
+  for (; j < n; ++j) dst[j] = src[j];
+}
 
 Status PullShard(const SparseTable& t, Shard& sh, GroupedKey* e, int64_t k,
                  bool insert_missing, int64_t step, float* out)
@@ -418,22 +477,22 @@ Status PullShard(const SparseTable& t, Shard& sh, GroupedKey* e, int64_t k,
   int64_t misses = 0;
   {
     absl::ReaderMutexLock l(&sh.mu);
-    for (int64_t i = 0; i < std::min(k, kPrefetchDistance); ++i) {
-      sh.index.Prefetch(KeyHash(e[i].key));
-    }
-    for (int64_t i = 0; i < k; ++i) {
-      if (i + kPrefetchDistance < k) {
-        sh.index.Prefetch(KeyHash(e[i + kPrefetchDistance].key));
-      }
-      const int64_t key = e[i].key;
-      const int64_t r = sh.index.Find(KeyHash(key), key, sh.arena);
-      if (r >= 0) {
-        std::memcpy(out + e[i].pos * dim, sh.arena.Row(r) + value_offset,
-                    row_value_bytes);
-      } else {
-        e[misses++] = e[i];  // compacts the misses in place, in batch order
-      }
-    }
+    ForEachKeyPrefetched(sh, e, k, value_offset + row_value_bytes,
+                         [&](int64_t j) {
+                           PrefetchBytes<true>(out + e[j].pos * dim, row_value_bytes);
+                         },
+                         [&](int64_t i, uint64_t h) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                           const int64_t key = e[i].key;
+                           const int64_t r = sh.index.Find(h, key, sh.arena);
+                           if (r >= 0) {
+                             CopyFloats(out + e[i].pos * dim,
+                                        reinterpret_cast<const float*>(
+                                            sh.arena.Row(r) + value_offset),
+                                        dim);
+                           } else {
+                             e[misses++] = e[i];  // compacts the misses, in order
+                           }
+                         });
   }
   if (misses == 0) return Status();
   const sparse_table::TableConfig& c = t.config();
@@ -539,74 +598,71 @@ Status PushShard(SparseTable& t, Shard& sh, GroupedKey* e, int64_t k,
     ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const sparse_table::TableConfig& c = t.config();
   const int64_t dim = c.dim;
+  const size_t grad_bytes = dim * sizeof(float);
   const bool admission = c.admission_min_count > 1;
   std::memset(dedup, 0, dedup_size * sizeof(uint64_t));
   const uint64_t mask = static_cast<uint64_t>(dedup_size) - 1;
   absl::MutexLock l(&sh.mu);
 
-  // 1. Find (or create) each key's row and number the distinct rows in order
-  // of first occurrence. e[i].key is reused to hold the entry's unique id
-  // (-1: the key has not been admitted, its gradient is dropped).
+  // 1. Find (or create) each key's row, number the distinct rows in order of
+  // first occurrence and sum the gradients of repeated rows, in batch order
+  // (deterministic). A row seen once keeps pointing at its gradient in
+  // `grads`; the sum of a repeated row goes to `acc`.
   int64_t num_unique = 0;
-  for (int64_t i = 0; i < std::min(k, kPrefetchDistance); ++i) {
-    sh.index.Prefetch(KeyHash(e[i].key));
-  }
-  for (int64_t i = 0; i < k; ++i) {
-    if (i + kPrefetchDistance < k) sh.index.Prefetch(KeyHash(e[i + kPrefetchDistance].key));
-    const int64_t key = e[i].key;
-    const uint64_t h = KeyHash(key);
-    int64_t r = sh.index.Find(h, key, sh.arena);
-    if (r < 0) {
-      if (admission) {
-        e[i].key = -1;
-        continue;
-      }
-      Status s;
-      if (t.InsertRow(sh, h, key, step, &s) == nullptr) return s;
-      r = static_cast<int64_t>(sh.arena.size()) - 1;
-    }
-    // Dedup table slot: (row + 1) << 32 | unique id; 0 = empty.
-    uint64_t slot = (sparse_table::SplitMix64(static_cast<uint64_t>(r))) & mask;
-    int64_t u;
-    while (true) {
-      const uint64_t v = dedup[slot];
-      if (v == 0) {
-        u = num_unique++;
-        dedup[slot] = (static_cast<uint64_t>(r) + 1) << 32 | static_cast<uint64_t>(u);
-        uniques[u] = UniqueRow{static_cast<uint32_t>(r), 1, e[i].pos, -1};
-        break;
-      }
-      if ((v >> 32) == static_cast<uint64_t>(r) + 1) {
-        u = static_cast<int64_t>(v & 0xFFFFFFFFu);
-        if (uniques[u].count < UINT32_MAX) ++uniques[u].count;
-        break;
-      }
-      slot = (slot + 1) & mask;
-    }
-    e[i].key = u;
-  }
-
-  // 2. Sum the gradients of repeated rows, in batch order (deterministic).
   int64_t num_acc = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    const int64_t u = e[i].key;
-    if (u < 0 || uniques[u].count == 1) continue;
-    const float* g = grads + e[i].pos * dim;
-    UniqueRow& ur = uniques[u];
-    if (ur.acc < 0) {
-      ur.acc = num_acc++;
-      std::memcpy(acc + ur.acc * dim, g, dim * sizeof(float));
-    } else {
-      float* a = acc + ur.acc * dim;
-      for (int64_t j = 0; j < dim; ++j) a[j] += g[j];
-    }
-  }
+  Status status;
+  ForEachKeyPrefetched(
+      sh, e, k, c.header_bytes(),
+      [&](int64_t j) { PrefetchBytes<false>(grads + e[j].pos * dim, grad_bytes); },
+      [&](int64_t i, uint64_t h) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        if (!status.ok()) return;
+        const int64_t key = e[i].key;
+        int64_t r = sh.index.Find(h, key, sh.arena);
+        if (r < 0) {
+          if (admission) return;  // not admitted yet: the gradient is dropped
+          if (t.InsertRow(sh, h, key, step, &status) == nullptr) return;
+          r = static_cast<int64_t>(sh.arena.size()) - 1;
+        }
+        // Dedup table slot: (row + 1) << 32 | unique id; 0 = empty.
+        const uint64_t tag = (static_cast<uint64_t>(r) + 1) << 32;
+        uint64_t slot = sparse_table::SplitMix64(static_cast<uint64_t>(r)) & mask;
+        while (true) {
+          const uint64_t v = dedup[slot];
+          if (v == 0) {
+            const int64_t u = num_unique++;
+            dedup[slot] = tag | static_cast<uint64_t>(u);
+            uniques[u] = UniqueRow{static_cast<uint32_t>(r), 1, e[i].pos, -1};
+            return;
+          }
+          if ((v & 0xFFFFFFFF00000000ULL) == tag) break;
+          slot = (slot + 1) & mask;
+        }
+        UniqueRow& ur = uniques[dedup[slot] & 0xFFFFFFFFu];
+        if (ur.count < UINT32_MAX) ++ur.count;
+        const float* g = grads + e[i].pos * dim;
+        if (ur.acc < 0) {
+          ur.acc = num_acc++;
+          float* a = acc + ur.acc * dim;
+          const float* first = grads + ur.first_pos * dim;
+          for (int64_t j = 0; j < dim; ++j) a[j] = first[j] + g[j];
+        } else {
+          float* a = acc + ur.acc * dim;
+          for (int64_t j = 0; j < dim; ++j) a[j] += g[j];
+        }
+      });
+  if (!status.ok()) return status;
 
-  // 3. One optimizer step per distinct row.
+  // 2. One optimizer step per distinct row.
   const int64_t value_offset = c.header_bytes();
+  const int64_t row_bytes = c.row_bytes();
   const uint32_t step_counter = SparseTable::StepCounter(step);
+  constexpr int64_t kAhead = 4;
   Update update;
   for (int64_t u = 0; u < num_unique; ++u) {
+    if (u + kAhead < num_unique) {
+      const UniqueRow& next = uniques[u + kAhead];
+      PrefetchBytes<true>(sh.arena.Row(next.row), row_bytes);
+    }
     const UniqueRow& ur = uniques[u];
     const float* g = ur.acc < 0 ? grads + ur.first_pos * dim : acc + ur.acc * dim;
     char* row = sh.arena.Row(ur.row);
@@ -640,8 +696,10 @@ Status PushAll(OpKernelContext* ctx, SparseTable* table, const KeyGroups& g,
 template <>
 Status SparseTablePush<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable* table,
                                               const int64_t* keys, int64_t n,
-                                              const float* grads, float lr) {
+                                              const float* grads, float lr,
+                                              int64_t* step_out) {
   const int64_t step = table->Tick();
+  *step_out = step;
   if (n == 0) return Status();
   KeyGroups g;
   TF_RETURN_IF_ERROR(GroupKeysByShard(ctx, *table, keys, n, &g));

@@ -182,6 +182,16 @@ class ShardIndex {
     if (buckets_ != nullptr) __builtin_prefetch(&buckets_[BucketOf(hash)]);
   }
 
+  // The row of the first slot of the home bucket whose tag matches `hash`
+  // (most likely the key's row), or -1; used to prefetch rows.
+  int64_t FirstCandidate(uint64_t hash) const {
+    if (buckets_ == nullptr) return -1;
+    const IndexBucket& bucket = buckets_[BucketOf(hash)];
+    const uint32_t match = MatchTags(bucket, TagOf(hash));
+    if (match == 0) return -1;
+    return static_cast<int64_t>(bucket.rows[__builtin_ctz(match)]);
+  }
+
   // The row holding `key`, or -1.
   int64_t Find(uint64_t hash, int64_t key, const RowArena& arena) const {
     if (buckets_ == nullptr) return -1;

@@ -111,6 +111,7 @@ REGISTER_OP("SparseTablePush")
     .Input("keys: int64")
     .Input("grads: float")
     .Input("learning_rate: float")
+    .Output("step: int64")
     .SetIsStateful()
     .SetShapeFn([](InferenceContext* c) {
       TF_RETURN_IF_ERROR(ValidateTableHandle(c));
@@ -119,6 +120,7 @@ REGISTER_OP("SparseTablePush")
           c->Concatenate(c->input(1), c->Vector(InferenceContext::kUnknownDim), &expected));
       TF_RETURN_IF_ERROR(c->Merge(c->input(2), expected, &unused));
       TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 0, &unused));
+      c->set_output(0, c->Scalar());
       return absl::OkStatus();
     })
     .Doc(R"doc(
@@ -132,6 +134,7 @@ Advances the table's step by one.
 keys: Any shape.
 grads: keys.shape + [dim].
 learning_rate: A scalar (> 0 for ftrl).
+step: The table's step after this push (1 for the first push).
 )doc");
 
 REGISTER_OP("SparseTableSize")

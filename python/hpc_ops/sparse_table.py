@@ -203,7 +203,8 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
 
   def push(self, keys, grads, learning_rate=None, name=None):
     """One optimizer step: grads (keys.shape + [dim]) of equal keys are
-    summed, then every distinct key's row and slots are updated once."""
+    summed, then every distinct key's row and slots are updated once.
+    Returns the table's step after this push (int64 scalar)."""
     keys = _as_int64(keys, "keys")
     grads = tf.convert_to_tensor(grads, tf.float32)
     lr = self.learning_rate if learning_rate is None else tf.cast(
@@ -322,9 +323,12 @@ def embedding_lookup(table, keys, trigger, insert_missing=True,
       if table.push_transform is not None:
         push_keys, push_grads = unique_grads(push_keys, push_grads)
         push_keys, push_grads = table.push_transform(push_keys, push_grads)
-      push = table.push(push_keys, push_grads, learning_rate)
-      with tf.control_dependencies([push] if push is not None else []):
-        return tf.zeros_like(trigger_value)
+      step = table.push(push_keys, push_grads, learning_rate)
+      # The trigger's zero gradient must depend on the push by data: a
+      # constant zero (even with a control dependency) lets Grappler fold
+      # the trigger's update away and prune the push (seen with Keras Adam
+      # in model.fit). The step is >= 1, Grappler cannot know it.
+      return tf.cast(tf.minimum(step, 0), trigger_value.dtype)
 
     return values, grad
 

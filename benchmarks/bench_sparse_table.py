@@ -1,0 +1,208 @@
+"""Sparse embedding table vs TensorFlow-native embeddings, side by side.
+
+Workload (bench_util.zipf_batches, the same as the peer measurements in
+/work/shared/reference/peers): batches of 65,536 int64 keys, Zipf s=1.1 over
+N ids hashed over int64. Every table first sees every batch once (steady
+state: lookups hit), then each variant is timed over the batches; median
+seconds per batch -> keys/s.
+
+  hpc_ops pull          tf.function(table.pull(keys))
+  hpc_ops pull+push     tf.function: v = pull(keys); push(keys, C, lr), table
+                        optimizer Adagrad (C fixed [B, D], i.e. loss = sum(v*C))
+  hpc_ops tape step     tf.function: GradientTape over
+                        embedding_lookup(table, keys, trigger), loss =
+                        sum(v*C), tape.gradient (pushes with Adagrad)
+  MHT                   tf.lookup.experimental.MutableHashTable(id -> row)
+                        + embedding_lookup on a tf.Variable [2^20, D];
+                        +v1 Adagrad: GradientTape, fused sparse Adagrad
+  DHT                   DenseHashTable likewise
+  mod                   row = id % 2^20 (collisions allowed), the dense-array
+                        speed bound; +v1 Adagrad likewise
+
+Bytes per key: growth of the process's resident memory while a table takes
+every distinct key of the workload, divided by the key count, next to the
+raw size key + row + slots (8 + 4*D*(1+slots) bytes).
+
+  python benchmarks/bench_sparse_table.py            # N 1e6 and 1e7, D 8/16/64
+  python benchmarks/bench_sparse_table.py --quick    # N 1e6, D 16, 8 batches
+"""
+import argparse
+import gc
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import bench_util  # noqa: E402
+import hpc_ops  # noqa: E402
+from hpc_ops import sparse_table  # noqa: E402
+
+ROWS = 1 << 20  # the peers' fixed Variable
+
+
+def rss_bytes():
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def time_batches(fn, batches, warm=2):
+  """Median seconds of fn(batch) over the batches (fn's result is read)."""
+  for b in batches[:warm]:
+    _block(fn(b))
+  times = []
+  for b in batches:
+    t0 = time.perf_counter()
+    _block(fn(b))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def _block(r):
+  if isinstance(r, (tf.Tensor, tf.Variable)):
+    r.numpy()
+  elif isinstance(r, (list, tuple)):
+    for x in r:
+      _block(x)
+
+
+def bench_ours(batches, dim, lr=0.01):
+  res = {}
+  table = hpc_ops.SparseTable(dim, optimizer="adagrad", initializer="uniform")
+  for b in batches:
+    table.pull(b)
+  B = int(batches[0].shape[0])
+  C = tf.random.normal([B, dim], stddev=1e-3, seed=1)
+  pull = tf.function(lambda k: table.pull(k))
+  res["pull"] = time_batches(pull, batches)
+
+  @tf.function
+  def pull_push(k):
+    v = table.pull(k)
+    with tf.control_dependencies([v]):
+      return table.push(k, C, lr)
+
+  res["pull+push"] = time_batches(pull_push, batches)
+  trigger = tf.Variable(0.0)
+
+  @tf.function
+  def tape_step(k):
+    with tf.GradientTape() as tape:
+      v = sparse_table.embedding_lookup(table, k, trigger)
+      loss = tf.reduce_sum(v * C)
+    return tape.gradient(loss, trigger)
+
+  probe = table.pull(batches[0][:2]).numpy()
+  res["tape step"] = time_batches(tape_step, batches)
+  assert np.abs(table.pull(batches[0][:2]).numpy() - probe).max() > 0, "no update"
+  return res
+
+
+def bench_peer(method, batches, uniq, dim, lr=0.01):
+  res = {}
+  if method == "MHT":
+    table = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=-1)
+  elif method == "DHT":
+    table = tf.lookup.experimental.DenseHashTable(
+        tf.int64, tf.int64, default_value=-1, empty_key=-1, deleted_key=-2,
+        initial_num_buckets=1 << 21)
+  else:
+    table = None
+  if table is not None:
+    table.insert(tf.constant(uniq), tf.range(len(uniq), dtype=tf.int64))
+    index = table.lookup
+  else:
+    index = lambda k: tf.math.floormod(k, ROWS)  # noqa: E731
+  B = int(batches[0].shape[0])
+  C = tf.random.normal([B, dim], stddev=1e-3, seed=1)
+  W = tf.Variable(tf.random.normal([ROWS, dim], stddev=0.01))
+  lookup = tf.function(lambda k: tf.nn.embedding_lookup(W, index(k)))
+  res["pull"] = time_batches(lookup, batches)
+  opt = tf.compat.v1.train.AdagradOptimizer(lr)
+
+  @tf.function
+  def step(k):
+    rows = index(k)
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(tf.nn.embedding_lookup(W, rows) * C)
+    update = opt.apply_gradients([(tape.gradient(loss, W), W)])
+    with tf.control_dependencies([update]):
+      return tf.identity(loss)
+
+  res["pull+push"] = time_batches(step, batches)
+  return res
+
+
+def bytes_per_key(uniq, dim):
+  """RSS growth per key while a table takes every key (in 65,536-key
+  batches), and the raw key+row+slots size (Adagrad: one slot)."""
+  gc.collect()
+  keys = [tf.constant(c) for c in np.array_split(uniq, max(1, len(uniq) // 65536))]
+  before = rss_bytes()
+  table = hpc_ops.SparseTable(dim, optimizer="adagrad")
+  for k in keys:
+    table.pull(k)
+  grown = rss_bytes() - before
+  assert int(table.size()) == len(uniq)
+  del table
+  gc.collect()
+  return grown / len(uniq), 8 + 4 * dim * 2
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true", help="N 1e6, D 16, 8 batches")
+  ap.add_argument("--N", type=int, nargs="+", default=[1_000_000, 10_000_000])
+  ap.add_argument("--dims", type=int, nargs="+", default=[8, 16, 64])
+  ap.add_argument("--nbatches", type=int, default=20)
+  ap.add_argument("--peers", nargs="*", default=["MHT", "DHT", "mod"])
+  args = ap.parse_args()
+  if args.quick:
+    args.N, args.dims, args.nbatches = [1_000_000], [16], 8
+  alloc = bench_util.allocator_name()
+  print("tf %s, %d CPUs, allocator %s, %s" % (
+      tf.__version__, os.cpu_count(), alloc, time.strftime("%Y-%m-%d")))
+  rows, mem_rows = [], []
+  for N in args.N:
+    keys_np = bench_util.zipf_batches(N, nbatches=args.nbatches)
+    B = keys_np.shape[1]
+    batches = [tf.constant(k) for k in keys_np]
+    uniq = np.unique(keys_np)
+    for D in args.dims:
+      results = {"hpc_ops": bench_ours(batches, D)}
+      for m in args.peers:
+        results[m] = bench_peer(m, batches, uniq, D)
+      mht = results.get("MHT", {})
+      mod = results.get("mod", {})
+      for name, r in results.items():
+        for what, sec in r.items():
+          base = mht.get(what if what != "tape step" else "pull+push")
+          bound = mod.get(what if what != "tape step" else "pull+push")
+          rows.append([
+              "%.0e" % N, D, name, what, bench_util.fmt_time(sec),
+              "%.1f" % (B / sec / 1e6),
+              "%.2fx" % (base / sec) if base else "-",
+              "%.2fx" % (bound / sec) if bound else "-"])
+      if alloc == "default":  # table memory does not use TF's allocator
+        per_key, raw = bytes_per_key(uniq, D)
+        mem_rows.append(["%.0e" % N, D, len(uniq), "%.0f" % per_key, raw,
+                         "%.2fx" % (per_key / raw)])
+      print("done N=%.0e D=%d" % (N, D), file=sys.stderr, flush=True)
+  bench_util.print_table(
+      "Sparse table, 65,536-key Zipf(1.1) batches, %s allocator (Mkeys/s; "
+      "ratios: time of MHT / mod over ours, > 1 means ours is faster)" % alloc,
+      ["N ids", "D", "impl", "op", "median/batch", "Mkeys/s", "vs MHT", "vs mod"],
+      rows)
+  if mem_rows:
+    bench_util.print_table(
+        "Memory per key (hpc_ops table, Adagrad, RSS growth)",
+        ["N ids", "D", "keys", "bytes/key", "raw key+row+slot", "ratio"], mem_rows)
+
+
+if __name__ == "__main__":
+  main()
+  bench_util.run_under_both_allocators()

@@ -1,0 +1,542 @@
+"""sparse_table ops: pull/push semantics, every optimizer against a float64
+numpy reference, duplicates, initializers, serving mode, admission,
+eviction, export/import, concurrency, and clean errors on bad input."""
+import threading
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import hpc_ops
+from hpc_ops import gen_sparse_table_ops as gen
+from hpc_ops import sparse_table
+
+INT64_MAX = np.iinfo(np.int64).max
+INT64_MIN = np.iinfo(np.int64).min
+
+
+def table(dim=4, **kw):
+  kw.setdefault("num_shards", 8)
+  return hpc_ops.SparseTable(dim, **kw)
+
+
+def snapshot(t):
+  """Export as numpy arrays sorted by key."""
+  s = t.export()
+  order = np.argsort(s.keys.numpy())
+  return (s.keys.numpy()[order], s.values.numpy()[order],
+          s.slots.numpy()[order], s.counters.numpy()[order], int(s.step))
+
+
+# ---------------------------------------------------------------- pull
+
+def test_pull_shape_dtype_and_insert():
+  t = table(dim=3)
+  keys = tf.constant([[5, 7, 5], [-1, INT64_MAX, INT64_MIN]], tf.int64)
+  v = t.pull(keys)
+  assert v.shape == (2, 3, 3) and v.dtype == tf.float32
+  np.testing.assert_array_equal(v[0, 0], v[0, 2])  # same key, same row
+  assert int(t.size()) == 5
+  np.testing.assert_array_equal(t.pull(keys), v)  # rows persist
+  assert int(t.size()) == 5
+
+
+def test_initial_value_depends_only_on_seed_and_key():
+  keys = np.arange(-500, 500, dtype=np.int64) * 7919
+  a = table(dim=5, seed=11, num_shards=4)
+  b = table(dim=5, seed=11, num_shards=64)
+  c = table(dim=5, seed=12)
+  va = a.pull(keys).numpy()
+  # b sees the keys in another order, in several batches, mixed with others.
+  perm = np.random.default_rng(0).permutation(len(keys))
+  for part in np.array_split(perm, 7):
+    b.pull(np.concatenate([keys[part], [123456789]]))
+  np.testing.assert_array_equal(b.pull(keys).numpy(), va)
+  assert not np.allclose(c.pull(keys).numpy(), va)
+  # Serving reads of absent keys give the same initial values.
+  d = table(dim=5, seed=11)
+  np.testing.assert_array_equal(d.pull(keys, insert_missing=False).numpy(), va)
+
+
+@pytest.mark.parametrize("init,scale", [("zeros", 1.0), ("uniform", 0.5),
+                                        ("truncated_normal", 0.2)])
+def test_initializer_distributions(init, scale):
+  t = table(dim=16, initializer=init, init_scale=scale, seed=3)
+  v = t.pull(np.arange(20000, dtype=np.int64)).numpy().ravel()
+  if init == "zeros":
+    assert not v.any()
+  elif init == "uniform":
+    assert v.min() >= -scale and v.max() < scale
+    assert abs(v.mean()) < 0.01 * scale
+    assert abs(v.std() - scale / np.sqrt(3)) < 0.01 * scale
+  else:
+    assert np.abs(v).max() <= 2 * scale
+    assert abs(v.mean()) < 0.01 * scale
+    # std of a standard normal truncated at +-2: 0.8796
+    assert abs(v.std() - 0.8796 * scale) < 0.01 * scale
+
+
+def test_serving_pull_never_inserts():
+  t = table(dim=4, seed=5)
+  t.pull([1, 2])
+  before = snapshot(t)
+  v = t.pull([1, 3, 4], insert_missing=False)
+  after = snapshot(t)
+  for x, y in zip(before[:4], after[:4]):
+    np.testing.assert_array_equal(x, y)
+  fresh = table(dim=4, seed=5)
+  np.testing.assert_array_equal(v.numpy(), fresh.pull([1, 3, 4]).numpy())
+
+
+def test_empty_batches_are_legal():
+  t = table(dim=4)
+  assert t.pull(tf.zeros([0], tf.int64)).shape == (0, 4)
+  assert t.pull(tf.zeros([3, 0], tf.int64)).shape == (3, 0, 4)
+  t.push(tf.zeros([0], tf.int64), tf.zeros([0, 4]), 0.1)
+  t.push(tf.zeros([2, 0], tf.int64), tf.zeros([2, 0, 4]), 0.1)
+  assert int(t.size()) == 0
+  k, g = sparse_table.unique_grads(tf.zeros([0], tf.int64), tf.zeros([0, 4]))
+  assert k.shape == (0,) and g.shape == (0, 4)
+
+
+def test_scalar_key():
+  t = table(dim=2)
+  assert t.pull(tf.constant(9, tf.int64)).shape == (2,)
+  t.push(tf.constant(9, tf.int64), [1.0, 2.0], 1.0)
+
+
+def test_tf_function_static_shape_and_results():
+  t = table(dim=6, optimizer="sgd", initializer="zeros")
+
+  @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.int64)])
+  def step(keys):
+    v = t.pull(keys)
+    assert v.shape.as_list() == [None, 2, 6]  # from the C++ shape function
+    t.push(keys, tf.ones_like(v), 0.5)
+    return t.pull(keys)
+
+  out = step(tf.constant([[1, 2], [2, 3]], tf.int64)).numpy()
+  np.testing.assert_array_equal(out[:, 0], [[-0.5] * 6, [-1.0] * 6])
+  np.testing.assert_array_equal(out[:, 1], [[-1.0] * 6, [-0.5] * 6])
+
+
+def test_tf1_graph_private_table_persists_across_runs():
+  g = tf.Graph()
+  with g.as_default():
+    h = gen.sparse_table_handle(dim=2, optimizer="sgd", initializer="zeros")
+    keys = tf.compat.v1.placeholder(tf.int64, [None])
+    push = gen.sparse_table_push(h, keys, tf.ones([tf.size(keys), 2]), 1.0)
+    size = gen.sparse_table_size(h)
+    pull = gen.sparse_table_pull(h, keys, dim=2)
+    with tf.compat.v1.Session(graph=g) as sess:
+      sess.run(push, {keys: [1, 2]})
+      sess.run(push, {keys: [2]})
+      assert sess.run(size) == 2
+      np.testing.assert_array_equal(sess.run(pull, {keys: [1, 2]}),
+                                    [[-1, -1], [-2, -2]])
+
+
+def test_shared_name_shares_and_checks_config():
+  a = hpc_ops.SparseTable(4, shared_name="st_shared_test", optimizer="sgd")
+  b = hpc_ops.SparseTable(4, shared_name="st_shared_test", optimizer="sgd")
+  a.pull([1, 2, 3])
+  assert int(b.size()) == 3
+  with pytest.raises(tf.errors.InvalidArgumentError, match="already exists with another"):
+    hpc_ops.SparseTable(8, shared_name="st_shared_test", optimizer="sgd")
+
+
+def test_many_keys_grow_every_shard():
+  t = table(dim=3, num_shards=4, initializer="truncated_normal", seed=9)
+  rng = np.random.default_rng(1)
+  keys = np.unique(rng.integers(INT64_MIN, INT64_MAX, size=150_000, dtype=np.int64))
+  for part in np.array_split(keys, 5):
+    t.pull(part)
+  assert int(t.size()) == len(keys)
+  k, v, _, _, _ = snapshot(t)
+  np.testing.assert_array_equal(k, keys)
+  np.testing.assert_array_equal(t.pull(keys, insert_missing=False).numpy(), v)
+
+
+# ---------------------------------------------------------------- push
+
+def reference_step(opt, o, w, slots, t, g, lr):
+  """One float64 update of rows w [n, d] with slots [n, s, d], steps t [n]."""
+  w, slots, t = w.copy(), slots.copy(), t.copy()
+  if opt == "sgd":
+    w -= lr * g
+  elif opt == "adagrad":
+    slots[:, 0] += g * g
+    w -= lr * g / (np.sqrt(slots[:, 0]) + o["epsilon"])
+  elif opt == "adam":
+    t += 1
+    b1, b2 = o["beta1"], o["beta2"]
+    m, v = slots[:, 0], slots[:, 1]
+    m += (g - m) * (1 - b1)
+    v += (g * g - v) * (1 - b2)
+    alpha = lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+    w -= m * alpha[:, None] / (np.sqrt(v) + o["epsilon"])
+  elif opt == "ftrl":
+    acc, lin = slots[:, 0], slots[:, 1]
+    p = o["learning_rate_power"]
+    acc_new = acc + g * g
+    lin += g - (acc_new ** -p - acc ** -p) / lr * w
+    quad = acc_new ** -p / lr + 2 * o["l2"]
+    w = np.where(np.abs(lin) > o["l1"], (np.sign(lin) * o["l1"] - lin) / quad, 0.0)
+    slots[:, 0] = acc_new
+  return w, slots, t
+
+
+OPTIMIZER_CASES = [
+    ("sgd", {}),
+    ("adagrad", {"initial_accumulator_value": 0.1, "epsilon": 1e-7}),
+    ("adagrad", {"initial_accumulator_value": 0.0, "epsilon": 0.5}),
+    ("adam", {"beta1": 0.9, "beta2": 0.999, "epsilon": 1e-7}),
+    ("adam", {"beta1": 0.5, "beta2": 0.8, "epsilon": 1e-3}),
+    ("ftrl", {"initial_accumulator_value": 0.1, "learning_rate_power": -0.5,
+              "l1": 0.001, "l2": 0.01}),
+    ("ftrl", {"initial_accumulator_value": 0.3, "learning_rate_power": -0.7,
+              "l1": 0.0, "l2": 0.0}),
+]
+
+
+@pytest.mark.parametrize("opt,options", OPTIMIZER_CASES,
+                         ids=["%s%d" % (c[0], i) for i, c in enumerate(OPTIMIZER_CASES)])
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_push_matches_float64_numpy(opt, options, mode):
+  dim = 5
+  t = table(dim=dim, optimizer=opt, optimizer_options=options,
+            initializer="uniform", init_scale=0.5, seed=4)
+  full = dict(sparse_table.OPTIMIZER_OPTIONS[opt], **options)
+  uniq = np.array([3, -8, 2**40, 11], np.int64)
+  t.pull(uniq)
+  k0, w, slots, counters, _ = snapshot(t)
+  w, slots = w.astype(np.float64), slots.astype(np.float64)
+  steps = counters[:, 0].astype(np.float64) if opt == "adam" else np.zeros(len(k0))
+  rng = np.random.default_rng(5)
+  push = t.push
+  if mode == "function":
+    push = tf.function(t.push)
+  lrs = [0.1, 0.05, 0.2]
+  for lr in lrs:
+    # Duplicate keys: the update uses their summed gradient, once.
+    keys = np.concatenate([uniq, uniq[:2], uniq[:1]])
+    grads = rng.normal(size=(len(keys), dim)).astype(np.float32)
+    push(tf.constant(keys), tf.constant(grads), tf.constant(lr, tf.float32))
+    g = np.zeros((len(k0), dim))
+    for key, gr in zip(keys, grads.astype(np.float64)):
+      g[np.searchsorted(k0, key)] += gr
+    w, slots, steps = reference_step(opt, full, w, slots, steps, g, lr)
+  k1, w1, s1, c1, step = snapshot(t)
+  np.testing.assert_array_equal(k1, k0)
+  assert step == len(lrs)
+  np.testing.assert_allclose(w1, w, rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(s1, slots, rtol=2e-5, atol=1e-6)
+  if opt == "adam":
+    np.testing.assert_array_equal(c1[:, 0], steps)
+
+
+def test_duplicates_are_summed_before_one_update():
+  # Adagrad makes the difference visible: one update with (g1+g2)^2 in the
+  # accumulator, not two updates with g1^2 and g2^2.
+  t = table(dim=2, optimizer="adagrad", initializer="zeros",
+            optimizer_options={"initial_accumulator_value": 1.0, "epsilon": 0.0})
+  t.push([7, 7, 7], [[1.0, 2.0], [2.0, 0.0], [1.0, -1.0]], 1.0)
+  _, w, slots, _, _ = snapshot(t)
+  g = np.array([4.0, 1.0])
+  np.testing.assert_allclose(slots[0, 0], 1.0 + g * g, rtol=1e-6)
+  np.testing.assert_allclose(w[0], -g / np.sqrt(1.0 + g * g), rtol=1e-6)
+
+
+def test_push_creates_missing_rows_from_their_initial_value():
+  t = table(dim=3, optimizer="sgd", seed=8)
+  init = table(dim=3, seed=8).pull([42]).numpy()
+  t.push([42], [[1.0, 1.0, 1.0]], 0.25)
+  np.testing.assert_allclose(t.pull([42]).numpy(), init - 0.25, rtol=1e-6)
+
+
+def test_nan_and_inf_propagate():
+  t = table(dim=3, optimizer="sgd", initializer="zeros")
+  t.push([1, 2], [[np.nan, 1.0, 0.0], [np.inf, 0.0, 0.0]], 1.0)
+  v = t.pull([1, 2]).numpy()
+  assert np.isnan(v[0, 0]) and v[0, 1] == -1.0 and np.isneginf(v[1, 0])
+
+
+def test_learning_rate_tensor_and_variable():
+  lr = tf.Variable(0.5)
+  t = table(dim=1, optimizer="sgd", initializer="zeros", learning_rate=lr)
+  t.push([1], [[1.0]])
+  lr.assign(2.0)
+  t.push([1], [[1.0]])
+  assert t.pull([1]).numpy()[0, 0] == -2.5
+
+
+def test_unique_grads():
+  keys = tf.constant([[5, 3], [5, 9]], tf.int64)
+  grads = tf.constant([[[1.0, 2.0], [3.0, 4.0]], [[10.0, 20.0], [0.5, 0.5]]])
+  k, g = sparse_table.unique_grads(keys, grads)
+  np.testing.assert_array_equal(k, [5, 3, 9])
+  np.testing.assert_array_equal(g, [[11, 22], [3, 4], [0.5, 0.5]])
+
+
+# ---------------------------------------------------------------- concurrency
+
+def test_concurrent_pushes_lose_nothing_and_pulls_never_tear():
+  """Pushers add -1 per occurrence (SGD, lr 1, grads of 1 in every column)
+  to 16 hot keys; readers pull concurrently. Final values are exactly
+  -(total occurrences); every pulled row has all columns equal (a torn row
+  would mix two versions) and values never go back up."""
+  dim = 16
+  t = table(dim=dim, optimizer="sgd", initializer="zeros", num_shards=4)
+  hot = np.arange(16, dtype=np.int64)
+  rng = np.random.default_rng(0)
+  # Large batches use the thread pool inside the op as well.
+  batches = []
+  for i in range(4):
+    keys = np.concatenate([np.repeat(hot, 1250),
+                           rng.integers(1000, 10**6, size=2000)])
+    batches.append(tf.constant(rng.permutation(keys)))
+  grads = [tf.ones([int(b.shape[0]), dim]) for b in batches]
+  pushes_per_thread, num_pushers = 25, 4
+  push_fn = tf.function(lambda k, g: t.push(k, g, 1.0))
+  errors, stop = [], threading.Event()
+
+  def pusher(i):
+    try:
+      for j in range(pushes_per_thread):
+        b = (i + j) % len(batches)
+        if j % 2 == 0:  # eager op, then a tf.function call, alternately
+          t.push(batches[b], grads[b], 1.0)
+        else:
+          push_fn(batches[b], grads[b])
+    except Exception as e:  # pragma: no cover - reported below
+      errors.append(e)
+
+  def reader():
+    last = np.zeros(len(hot))
+    try:
+      while not stop.is_set():
+        v = t.pull(hot).numpy()
+        if not (v == v[:, :1]).all():
+          errors.append(AssertionError("torn row: %s" % v))
+          return
+        if (v[:, 0] > last).any():
+          errors.append(AssertionError("value went back up"))
+          return
+        last = v[:, 0]
+    except Exception as e:  # pragma: no cover
+      errors.append(e)
+
+  threads = [threading.Thread(target=pusher, args=(i,)) for i in range(num_pushers)]
+  readers = [threading.Thread(target=reader) for _ in range(2)]
+  for th in readers + threads:
+    th.start()
+  for th in threads:
+    th.join()
+  stop.set()
+  for th in readers:
+    th.join()
+  assert not errors, errors
+  expected = -1250.0 * pushes_per_thread * num_pushers
+  np.testing.assert_array_equal(t.pull(hot).numpy(), np.full((16, dim), expected))
+  assert int(t.export().step) == pushes_per_thread * num_pushers
+
+
+# ---------------------------------------------------------------- admission, eviction
+
+def test_admission_needs_min_count_pulls():
+  t = table(dim=2, optimizer="sgd", initializer="uniform", seed=2,
+            admission_min_count=3)
+  init = table(dim=2, seed=2).pull([5]).numpy()
+  np.testing.assert_array_equal(t.pull([5]).numpy(), init)  # seen once
+  assert int(t.size()) == 0
+  t.push([5], [[1.0, 1.0]], 1.0)  # not admitted: dropped
+  np.testing.assert_array_equal(t.pull([5], insert_missing=False).numpy(), init)
+  t.pull([5], insert_missing=False)  # serving reads do not count
+  t.pull([5])  # second time
+  assert int(t.size()) == 0
+  np.testing.assert_array_equal(t.pull([5]).numpy(), init)  # third: admitted
+  assert int(t.size()) == 1
+  t.push([5], [[1.0, 1.0]], 1.0)
+  np.testing.assert_allclose(t.pull([5]).numpy(), init - 1.0, rtol=1e-6)
+  # Duplicates in one batch count one by one.
+  t.pull([9, 9, 9])
+  assert int(t.size()) == 2
+
+
+def test_eviction_by_frequency_and_idle_steps():
+  t = table(dim=2, optimizer="adagrad", track_usage=True)
+  t.pull([1, 2, 3, 4])
+  for _ in range(3):
+    t.push([1, 1, 2], np.ones((3, 2), np.float32), 0.1)  # 1: freq 6, 2: freq 3
+  t.push([3], [[1.0, 1.0]], 0.1)  # freq 1, last step 4
+  for _ in range(5):
+    t.push([2], [[1.0, 1.0]], 0.1)  # 2: freq 8, last step 9
+  s = t.export()
+  assert s.counters.shape == (4, 2)
+  counters = dict(zip(s.keys.numpy(), s.counters.numpy().tolist()))
+  assert counters == {1: [6, 3], 2: [8, 9], 3: [1, 4], 4: [0, 0]}
+  assert int(t.evict(min_frequency=2)) == 2  # 3 and 4
+  assert sorted(t.export().keys.numpy()) == [1, 2]
+  assert int(t.evict(max_idle_steps=6)) == 0  # 1 idle for 6 steps
+  assert int(t.evict(max_idle_steps=5)) == 1
+  assert t.export().keys.numpy().tolist() == [2]
+  # The rest still works after compaction.
+  t.pull([10, 11])
+  assert int(t.size()) == 3
+
+
+def test_evict_needs_track_usage():
+  with pytest.raises(tf.errors.FailedPreconditionError, match="track_usage"):
+    table(dim=2).evict(min_frequency=1)
+
+
+# ---------------------------------------------------------------- export / import
+
+@pytest.mark.parametrize("opt", sparse_table.OPTIMIZERS)
+def test_export_import_roundtrip_is_bit_exact(opt):
+  a = table(dim=3, optimizer=opt, track_usage=True)
+  keys = np.arange(1000, dtype=np.int64) * 31
+  a.pull(keys)
+  a.push(keys[:500], np.random.default_rng(0).normal(size=(500, 3)).astype(np.float32), 0.1)
+  exported = a.export()
+  b = table(dim=3, optimizer=opt, track_usage=True, num_shards=2)
+  b.pull([1, 2, 3])  # replaced by the import
+  b.import_(*exported)
+  for x, y in zip(snapshot(a), snapshot(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_import_defaults_and_replaces():
+  t = table(dim=2, optimizer="adagrad",
+            optimizer_options={"initial_accumulator_value": 0.25})
+  t.pull([100])
+  t.import_([1, 2], [[1.0, 2.0], [3.0, 4.0]])
+  k, v, s, c, step = snapshot(t)
+  np.testing.assert_array_equal(k, [1, 2])
+  np.testing.assert_array_equal(v, [[1, 2], [3, 4]])
+  np.testing.assert_array_equal(s, np.full((2, 1, 2), 0.25, np.float32))
+  assert c.shape == (2, 0) and step == 0
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_grads_shape_mismatch():
+  t = table(dim=16)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"SparseTablePush: grads shape \[4,8\] does not match "
+                           r"keys shape \[4\] \+ \[dim=16\]"):
+    gen.sparse_table_push(t.resource_handle, tf.zeros([4], tf.int64),
+                          tf.zeros([4, 8]), 0.1)
+
+  # Unknown static shapes: the kernel checks at run time.
+  @tf.function(input_signature=[tf.TensorSpec(None, tf.int64),
+                                tf.TensorSpec(None, tf.float32)])
+  def f(k, g):
+    return gen.sparse_table_push(t.resource_handle, k, g, 0.1)
+
+  with pytest.raises(tf.errors.InvalidArgumentError, match="does not match keys shape"):
+    f(tf.zeros([3], tf.int64), tf.zeros([4, 16]))
+  with pytest.raises(tf.errors.InvalidArgumentError, match="does not match keys shape"):
+    f(tf.zeros([3], tf.int64), tf.zeros([3]))
+  # Known static shapes: the C++ shape function refuses at trace time.
+  with pytest.raises(ValueError, match="Dimension 0 in both shapes must be equal"):
+    tf.function(lambda k, g: gen.sparse_table_push(t.resource_handle, k, g, 0.1))(
+        tf.zeros([3], tf.int64), tf.zeros([4, 16]))
+
+
+def test_pull_dim_attr_mismatch():
+  t = table(dim=4)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match="attr dim=8 does not match the table's dim 4"):
+    gen.sparse_table_pull(t.resource_handle, [1], dim=8)
+
+
+def test_variable_handle_is_refused():
+  v = tf.Variable(tf.zeros([4]))
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match="SparseTablePull: table_handle is not a live SparseTable"):
+    gen.sparse_table_pull(v.handle, [1], dim=4)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="SparseTablePush"):
+    gen.sparse_table_push(v.handle, [1], [[1.0] * 4], 0.1)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="SparseTableExport"):
+    gen.sparse_table_export(v.handle)
+
+
+def test_destroyed_table_is_a_clean_error():
+  t = table(dim=2)
+  h = t.resource_handle
+  tf.raw_ops.DestroyResourceOp(resource=h)
+  with pytest.raises(tf.errors.NotFoundError, match="SparseTableSize"):
+    gen.sparse_table_size(h)
+
+
+@pytest.mark.parametrize("attrs,msg", [
+    ({"dim": 0}, "dim"),
+    ({"dim": -3}, "dim"),
+    ({"dim": 1 << 20}, r"dim=1048576 must be in \[1, 65536\]"),
+    ({"dim": 4, "num_shards": 3}, "num_shards=3 must be a power of two"),
+    ({"dim": 4, "num_shards": 8192}, "num_shards"),
+    ({"dim": 4, "optimizer": "adam", "epsilon": 0.0}, "epsilon=0 must be finite and > 0"),
+    ({"dim": 4, "optimizer": "adam", "beta1": 1.0}, "beta1"),
+    ({"dim": 4, "optimizer": "adam", "beta2": float("nan")}, "beta2"),
+    ({"dim": 4, "optimizer": "adagrad", "epsilon": 0.0,
+      "initial_accumulator_value": 0.0}, "adagrad needs epsilon > 0"),
+    ({"dim": 4, "optimizer": "ftrl", "l1": -1.0}, "l1"),
+    ({"dim": 4, "optimizer": "ftrl", "learning_rate_power": 0.5}, "learning_rate_power"),
+    ({"dim": 4, "init_scale": float("inf")}, "init_scale"),
+    ({"dim": 4, "admission_min_count": -1}, "admission_min_count"),
+    ({"dim": 4, "optimizer": "rmsprop"}, "optimizer"),
+    ({"dim": 4, "initializer": "ones"}, "initializer"),
+])
+def test_bad_handle_attrs(attrs, msg):
+  with pytest.raises(tf.errors.InvalidArgumentError, match=msg):
+    gen.sparse_table_handle(**attrs)
+
+
+def test_bad_push_inputs():
+  t = table(dim=2, optimizer="ftrl")
+  with pytest.raises(tf.errors.InvalidArgumentError, match="learning_rate must be a scalar"):
+    gen.sparse_table_push(t.resource_handle, [1], [[1.0, 1.0]], [0.1, 0.2])
+  with pytest.raises(tf.errors.InvalidArgumentError, match="must be > 0 for the ftrl"):
+    gen.sparse_table_push(t.resource_handle, [1], [[1.0, 1.0]], 0.0)
+  with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+    gen.sparse_table_push(t.resource_handle, tf.constant([1], tf.int32), [[1.0, 1.0]], 0.1)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="grads must have rank"):
+    sparse_table.unique_grads([1, 2], [1.0, 2.0])
+
+
+def test_bad_import_leaves_the_table_unchanged():
+  t = table(dim=3, optimizer="adam")
+  t.pull([1, 2, 3])
+  t.push([1], [[1.0, 1.0, 1.0]], 0.1)
+  before = snapshot(t)
+  h = t.resource_handle
+  k = tf.constant([5, 6], tf.int64)
+  v = tf.zeros([2, 3])
+  s = tf.zeros([2, 2, 3])
+  c = tf.zeros([2, 1], tf.int64)
+  cases = [
+      ((k, tf.zeros([2, 4]), s, c, 0), "values have dim 4 but the table has dim 3"),
+      ((k, tf.zeros([3, 3]), s, c, 0), r"values must have shape \[2, 3\]"),
+      ((k, v, tf.zeros([2, 1, 3]), c, 0), r"slots must have shape \[2, 2, 3\] for optimizer 'adam'"),
+      ((k, v, s, tf.zeros([2, 2], tf.int64), 0), r"counters must have shape \[2, 1\]"),
+      ((k, v, s, tf.constant([[1], [-1]], tf.int64), 0), r"counters\[1, 0\] = -1"),
+      ((k, v, s, tf.constant([[1], [2**32]], tf.int64), 0), "outside"),
+      ((k, v, s, c, -5), "step must be >= 0"),
+      ((tf.constant([5, 5], tf.int64), v, s, c, 0), "duplicate key 5"),
+  ]
+  for args, msg in cases:
+    with pytest.raises(tf.errors.InvalidArgumentError, match=msg):
+      gen.sparse_table_import(h, *args)
+  after = snapshot(t)
+  for x, y in zip(before, after):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_python_wrapper_argument_errors():
+  with pytest.raises(ValueError, match="optimizer"):
+    hpc_ops.SparseTable(4, optimizer="rmsprop")
+  with pytest.raises(ValueError, match="does not take"):
+    hpc_ops.SparseTable(4, optimizer="sgd", optimizer_options={"epsilon": 1.0})
+  with pytest.raises(TypeError, match="int64"):
+    table().pull(tf.constant([1.5]))

@@ -1,0 +1,224 @@
+"""SparseEmbedding (Keras 3) and embedding_lookup: outputs for dense, ragged
+and sparse ids and every combiner, the gradient that pushes into the table
+(exactly, through a tape, and in model.fit with the loss falling), the
+push_transform hook, inference without inserts, config and checkpoints."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import hpc_ops
+from hpc_ops import sparse_table
+from hpc_ops.layers import SparseEmbedding
+
+
+def rows(layer, ids):
+  return layer.table.pull(np.asarray(ids, np.int64), insert_missing=False).numpy()
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_dense_ids_every_combiner(mode):
+  layer = SparseEmbedding(3, seed=2)
+  none_layer = SparseEmbedding(3, seed=2, table=layer.table)
+  sum_layer = SparseEmbedding(3, combiner="sum", table=layer.table)
+  mean_layer = SparseEmbedding(3, combiner="mean", table=layer.table)
+  ids = np.array([[1, 2, 3], [3, 4, 4]], np.int64)
+  for built in (none_layer, sum_layer, mean_layer):
+    built.build((2, 3))  # variables are created outside tf.function
+
+  def call(l, x):
+    return l(x) if mode == "eager" else tf.function(l.__call__, autograph=False)(x)
+
+  r = rows(layer, ids.ravel()).reshape(2, 3, 3)
+  np.testing.assert_array_equal(call(none_layer, ids), r)
+  np.testing.assert_allclose(call(sum_layer, ids), r.sum(axis=1), rtol=1e-6)
+  np.testing.assert_allclose(call(mean_layer, ids), r.mean(axis=1), rtol=1e-6)
+  # Rank-1 ids with a combiner: one id per example.
+  np.testing.assert_allclose(sum_layer(np.array([7, 8])), rows(layer, [7, 8]), rtol=1e-6)
+  assert layer.compute_output_shape((None, 3)) == (None, 3, 3)
+  assert mean_layer.compute_output_shape((None, 3)) == (None, 3)
+
+
+def test_ragged_and_sparse_ids():
+  base = SparseEmbedding(2, seed=4)
+  rt = tf.ragged.constant([[1, 2], [], [3, 3, 4]], dtype=tf.int64)
+  r = {k: rows(base, [k])[0] for k in (1, 2, 3, 4)}
+  out = SparseEmbedding(2, table=base.table)(rt)
+  assert isinstance(out, tf.RaggedTensor)
+  assert out.shape.as_list() == [3, None, 2]
+  np.testing.assert_array_equal(out.flat_values, [r[1], r[2], r[3], r[3], r[4]])
+  expected_sum = np.array([r[1] + r[2], [0, 0], 2 * r[3] + r[4]])
+  expected_mean = np.array([(r[1] + r[2]) / 2, [0, 0], (2 * r[3] + r[4]) / 3])
+  for ids in (rt, rt.to_sparse()):
+    np.testing.assert_allclose(SparseEmbedding(2, combiner="sum", table=base.table)(ids),
+                               expected_sum, rtol=1e-6)
+    np.testing.assert_allclose(SparseEmbedding(2, combiner="mean", table=base.table)(ids),
+                               expected_mean, rtol=1e-6)
+  sp_out = SparseEmbedding(2, table=base.table)(rt.to_sparse())
+  np.testing.assert_array_equal(sp_out.flat_values, out.flat_values)
+
+
+def test_inference_does_not_insert_training_does():
+  layer = SparseEmbedding(4, seed=1)
+  layer(np.array([[1, 2]]))  # training=None: inference
+  layer(np.array([[1, 2]]), training=False)
+  assert int(layer.table.size()) == 0
+  layer(np.array([[1, 2]]), training=True)
+  assert int(layer.table.size()) == 2
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_tape_gradient_pushes_exactly(mode):
+  """SGD table, lr 0.5, zero rows: after one gradient of loss = sum(out * C)
+  the row of id k is -0.5 * (sum of C over k's occurrences)."""
+  layer = SparseEmbedding(3, combiner=None, optimizer="sgd", learning_rate=0.5,
+                          initializer="zeros")
+  ids = tf.constant([[1, 2], [2, 2]], tf.int64)
+  C = tf.constant(np.arange(12, dtype=np.float32).reshape(2, 2, 3))
+
+  def step():
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(layer(ids, training=True) * C)
+    return tape.gradient(loss, layer.trainable_variables)
+
+  grads = step() if mode == "eager" else tf.function(step)()
+  assert [float(g) for g in grads] == [0.0]  # the trigger's gradient
+  c = C.numpy()
+  np.testing.assert_allclose(rows(layer, [1]), [-0.5 * c[0, 0]], rtol=1e-6)
+  np.testing.assert_allclose(rows(layer, [2]), [-0.5 * (c[0, 1] + c[1, 0] + c[1, 1])],
+                             rtol=1e-6)
+  assert int(layer.table.export().step) == 1
+  assert float(layer.push_trigger.numpy()) == 0.0
+
+
+def test_embedding_lookup_with_gather_downstream_pushes_indexed_slices():
+  t = hpc_ops.SparseTable(2, optimizer="sgd", learning_rate=1.0, initializer="zeros")
+  trigger = tf.Variable(0.0)
+  keys = tf.constant([10, 11, 12], tf.int64)
+  with tf.GradientTape() as tape:
+    v = sparse_table.embedding_lookup(t, keys, trigger)
+    loss = tf.reduce_sum(tf.gather(v, [2, 2, 0]))  # IndexedSlices gradient
+  tape.gradient(loss, trigger)
+  np.testing.assert_array_equal(t.pull(keys).numpy(), [[-1, -1], [0, 0], [-2, -2]])
+
+
+@pytest.mark.parametrize("keras_optimizer", ["adam", "sgd"])
+def test_model_fit_trains_the_table(keras_optimizer):
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 300, size=(1024, 4)).astype(np.int64)
+  target_w = rng.normal(size=300)
+  y = target_w[ids].mean(axis=1, keepdims=True).astype(np.float32)
+  inp = keras.Input(shape=(4,), dtype="int64")
+  emb = SparseEmbedding(8, combiner="mean", optimizer="adagrad", learning_rate=0.5, seed=1)
+  model = keras.Model(inp, keras.layers.Dense(1)(emb(inp)))
+  dense_optimizer = {"adam": keras.optimizers.Adam(0.02),
+                     "sgd": keras.optimizers.SGD(0.1)}[keras_optimizer]
+  model.compile(optimizer=dense_optimizer, loss="mse")
+  initial = hpc_ops.SparseTable(8, seed=1).pull(np.arange(300), insert_missing=False).numpy()
+  hist = model.fit(ids, y, epochs=6, batch_size=64, verbose=0)
+  losses = hist.history["loss"]
+  assert losses[-1] < 0.5 * losses[0], losses
+  seen = np.unique(ids)
+  assert int(emb.table.size()) == len(seen)
+  trained = rows(emb, seen)
+  change = np.abs(trained - initial[seen]).max(axis=1)
+  assert (change > 0).all() and np.median(change) > 0.01, change
+  assert int(emb.table.export().step) == 6 * 1024 // 64
+  assert float(emb.push_trigger.numpy()) == 0.0
+  # Evaluation and prediction neither push nor insert.
+  model.evaluate(ids[:64], y[:64], verbose=0)
+  model.predict(np.array([[10**12, 1, 2, 3]], np.int64), verbose=0)
+  assert int(emb.table.size()) == len(seen)
+  assert int(emb.table.export().step) == 6 * 1024 // 64
+
+
+def test_model_fit_with_ragged_ids():
+  rng = np.random.default_rng(1)
+  lengths = rng.integers(1, 5, size=256)
+  flat = rng.integers(0, 50, size=lengths.sum()).astype(np.int64)
+  rt = tf.RaggedTensor.from_row_lengths(flat, lengths)
+  w = rng.normal(size=50)
+  y = np.array([w[r].sum() for r in np.split(flat, np.cumsum(lengths)[:-1])], np.float32)[:, None]
+  inp = keras.Input(shape=(None,), dtype="int64", ragged=True)
+  emb = SparseEmbedding(4, combiner="sum", optimizer="adagrad", learning_rate=0.3)
+  model = keras.Model(inp, keras.layers.Dense(1)(emb(inp)))
+  model.compile(optimizer="adam", loss="mse")
+  ds = tf.data.Dataset.from_tensor_slices((rt, y)).batch(32)
+  hist = model.fit(ds, epochs=5, verbose=0, shuffle=False)
+  assert hist.history["loss"][-1] < 0.6 * hist.history["loss"][0], hist.history["loss"]
+  assert int(emb.table.size()) == len(np.unique(flat))
+
+
+def test_push_transform_sees_distinct_keys_and_summed_grads():
+  calls = []
+
+  def transform(keys, grads):
+    calls.append((keys.numpy(), grads.numpy()))
+    return keys, grads * 2.0
+
+  t = hpc_ops.SparseTable(2, optimizer="sgd", learning_rate=1.0, initializer="zeros",
+                          push_transform=transform)
+  trigger = tf.Variable(0.0)
+  keys = tf.constant([5, 3, 5, 5], tf.int64)
+  C = tf.constant([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
+  with tf.GradientTape() as tape:
+    loss = tf.reduce_sum(sparse_table.embedding_lookup(t, keys, trigger) * C)
+  tape.gradient(loss, trigger)
+  assert len(calls) == 1
+  np.testing.assert_array_equal(calls[0][0], [5, 3])
+  np.testing.assert_array_equal(calls[0][1], [[13, 16], [3, 4]])
+  np.testing.assert_array_equal(t.pull([5, 3]).numpy(), [[-26, -32], [-6, -8]])
+
+
+def test_push_transform_runs_every_fit_step():
+  counter = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+  def transform(keys, grads):
+    with tf.control_dependencies([counter.assign_add(1)]):
+      return tf.identity(keys), tf.identity(grads)
+
+  inp = keras.Input(shape=(2,), dtype="int64")
+  emb = SparseEmbedding(4, combiner="sum", push_transform=transform)
+  model = keras.Model(inp, keras.layers.Dense(1)(emb(inp)))
+  model.compile(optimizer="adam", loss="mse")
+  model.fit(np.arange(64).reshape(32, 2), np.ones((32, 1)), batch_size=8, epochs=2,
+            verbose=0)
+  assert int(counter.numpy()) == 8
+  assert int(emb.table.export().step) == 8
+
+
+def test_get_config_round_trip():
+  layer = SparseEmbedding(6, combiner="mean", optimizer="ftrl", learning_rate=0.3,
+                          optimizer_options={"l1": 0.01}, seed=9, name="emb")
+  config = layer.get_config()
+  clone = SparseEmbedding.from_config(config)
+  assert clone.get_config() == config
+  assert clone.table is not layer.table
+  assert clone.table.optimizer_options["l1"] == pytest.approx(0.01)
+  assert clone.table.optimizer_options["l2"] == 0.0
+
+
+def test_tf_checkpoint_of_a_model_restores_the_table(tmp_path):
+  inp = keras.Input(shape=(2,), dtype="int64")
+  emb = SparseEmbedding(4, combiner="sum")
+  model = keras.Model(inp, keras.layers.Dense(1)(emb(inp)))
+  model.compile(optimizer="adam", loss="mse")
+  model.fit(np.arange(40).reshape(20, 2), np.ones((20, 1)), epochs=1, verbose=0)
+  saved = emb.table.export()
+  ckpt = tf.train.Checkpoint(model=model)
+  path = ckpt.save(str(tmp_path / "model"))
+  model.fit(np.arange(40, 80).reshape(20, 2), np.ones((20, 1)), epochs=1, verbose=0)
+  assert int(emb.table.size()) == 80
+  ckpt.restore(path)
+  restored = emb.table.export()
+  for a, b in zip(saved, restored):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_bad_layer_arguments():
+  with pytest.raises(ValueError, match="combiner"):
+    SparseEmbedding(4, combiner="max")
+  with pytest.raises(ValueError, match="dim=4 but the table has dim 8"):
+    SparseEmbedding(4, table=hpc_ops.SparseTable(8))
+  with pytest.raises(TypeError, match="push_transform must be callable"):
+    hpc_ops.SparseTable(4, push_transform=3)
