@@ -1,0 +1,141 @@
+"""Fuzz spec for the sparse_table family: every op with live tables of
+several configurations, handles of the wrong resource type, malformed
+shapes/dtypes, bad ids and bad attrs."""
+import numpy as np
+import strategies
+from fuzz_ops import OpSpec
+from hypothesis import strategies as st
+
+# (dim, num_slots, num_counters) -> handle, filled by _setup().
+_TABLES = []
+_WRONG = []
+
+
+def _setup():
+  import tensorflow as tf
+  from hpc_ops import gen_sparse_table_ops as gen
+  if _TABLES:
+    return
+  for i, (dim, opt, track) in enumerate([(1, "sgd", False), (4, "adagrad", True),
+                                         (3, "adam", False), (2, "ftrl", True)]):
+    h = gen.sparse_table_handle(dim=dim, optimizer=opt, track_usage=track,
+                                num_shards=4, admission_min_count=i % 3,
+                                shared_name="fuzz_table_%d" % i)
+    slots = {"sgd": 0, "adagrad": 1, "adam": 2, "ftrl": 2}[opt]
+    counters = (1 if opt == "adam" else 0) + (2 if track else 0)
+    _TABLES.append((h, dim, slots, counters))
+  v = tf.Variable(tf.zeros([4]))
+  _WRONG.append(v)  # keeps the variable alive
+  _WRONG.append(v.handle)
+
+
+@st.composite
+def _handle(draw):
+  """A live table (with its dim, slots, counters) or a wrong handle."""
+  if draw(st.integers(0, 9)) == 0 and _WRONG:
+    return _WRONG[1], 4, 0, 0
+  return draw(st.sampled_from(_TABLES))
+
+
+def _grads_like(draw, keys, dim):
+  shape = tuple(getattr(keys, "shape", ())) + (dim,)
+  if draw(st.booleans()):
+    return draw(strategies.arrays(dtypes=[np.float32], shape=shape))
+  return draw(strategies.arrays(dtypes=[np.float32, np.float64, np.int64]))
+
+
+@st.composite
+def _handle_case(draw):
+  attrs = (
+      "dim", draw(st.sampled_from([1, 4, 0, -1, 65536, 65537, 2**40])),
+      "initializer", draw(st.sampled_from(["zeros", "uniform", "truncated_normal", "bad"])),
+      "init_scale", draw(strategies.float_attr()),
+      "seed", draw(st.sampled_from([0, -1, 2**62])),
+      "optimizer", draw(st.sampled_from(["sgd", "adagrad", "adam", "ftrl", "bad"])),
+      "initial_accumulator_value", draw(strategies.float_attr()),
+      "epsilon", draw(strategies.float_attr()),
+      "beta1", draw(strategies.float_attr()),
+      "beta2", draw(strategies.float_attr()),
+      "learning_rate_power", draw(strategies.float_attr()),
+      "l1", draw(strategies.float_attr()),
+      "l2", draw(strategies.float_attr()),
+      "num_shards", draw(st.sampled_from([1, 3, 64, 4096, 8192, 0, -4])),
+      "admission_min_count", draw(st.sampled_from([0, 2, -1])),
+      "track_usage", draw(st.booleans()),
+      "container", "",
+      "shared_name", draw(st.sampled_from(["", "fuzz_shared"])),
+  )
+  return [], attrs
+
+
+@st.composite
+def _pull_case(draw):
+  h, dim, _, _ = draw(_handle())
+  keys = draw(st.one_of(strategies.ids(), strategies.arrays()))
+  return [h, keys], ("dim", draw(st.sampled_from([dim, dim, 1, 0, -3, 2**40])),
+                     "insert_missing", draw(st.booleans()))
+
+
+@st.composite
+def _push_case(draw):
+  h, dim, _, _ = draw(_handle())
+  keys = draw(st.one_of(strategies.ids(), strategies.ids(), strategies.arrays()))
+  grads = _grads_like(draw, keys, dim)
+  lr = draw(st.one_of(
+      st.sampled_from([0.1, 0.0, -1.0, np.nan, np.inf]).map(np.float32),
+      strategies.arrays(dtypes=[np.float32])))
+  return [h, keys, grads, lr], ()
+
+
+@st.composite
+def _handle_only_case(draw):
+  h = draw(_handle())[0]
+  if draw(st.integers(0, 9)) == 0:
+    return [draw(strategies.arrays())], ()
+  return [h], ()
+
+
+@st.composite
+def _import_case(draw):
+  h, dim, slots, counters = draw(_handle())
+  n = draw(st.integers(0, 6))
+  if draw(st.booleans()):  # well-formed apart from the data itself
+    keys = draw(strategies.arrays(dtypes=[np.int64], shape=(n,)))
+    values = draw(strategies.arrays(dtypes=[np.float32], shape=(n, dim)))
+    slot_arr = draw(strategies.arrays(dtypes=[np.float32], shape=(n, slots, dim)))
+    cnt = draw(strategies.arrays(dtypes=[np.int64], shape=(n, counters)))
+    step = np.int64(draw(st.sampled_from([0, 5, -1, 2**62])))
+  else:
+    keys = draw(strategies.arrays())
+    values = draw(strategies.arrays())
+    slot_arr = draw(strategies.arrays())
+    cnt = draw(strategies.arrays())
+    step = draw(strategies.arrays())
+  return [h, keys, values, slot_arr, cnt, step], ()
+
+
+@st.composite
+def _evict_case(draw):
+  h = draw(_handle())[0]
+  scalar = st.sampled_from([0, 1, -1, 2**62, -2**63]).map(np.int64)
+  return [h, draw(st.one_of(scalar, strategies.arrays())),
+          draw(st.one_of(scalar, strategies.arrays()))], ()
+
+
+@st.composite
+def _unique_case(draw):
+  keys = draw(st.one_of(strategies.ids(), strategies.arrays()))
+  dim = draw(st.integers(0, 5))
+  return [keys, _grads_like(draw, keys, dim)], ()
+
+
+SPECS = [
+    OpSpec("SparseTableHandle", _handle_case(), num_outputs=1, setup=_setup),
+    OpSpec("SparseTablePull", _pull_case(), num_outputs=1, setup=_setup),
+    OpSpec("SparseTablePush", _push_case(), num_outputs=1, setup=_setup),
+    OpSpec("SparseTableSize", _handle_only_case(), num_outputs=1, setup=_setup),
+    OpSpec("SparseTableExport", _handle_only_case(), num_outputs=5, setup=_setup),
+    OpSpec("SparseTableImport", _import_case(), num_outputs=0, setup=_setup),
+    OpSpec("SparseTableEvict", _evict_case(), num_outputs=1, setup=_setup),
+    OpSpec("SparseTableUniqueGrads", _unique_case(), num_outputs=2, setup=_setup),
+]
