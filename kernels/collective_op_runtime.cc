@@ -106,9 +106,12 @@ constexpr int kTagGather = 13;
 
 // MPI counts are ints: larger buffers travel as several messages.
 constexpr int64_t kMaxMessageBytes = int64_t{1} << 30;
-// Reduce-scatter pipeline: segment size and segments in flight per peer.
+// Reduce-scatter pipeline: segment size range and segments in flight per
+// peer.
 constexpr int64_t kSegmentBytes = int64_t{1} << 20;
+constexpr int64_t kMinSegmentBytes = int64_t{64} << 10;
 constexpr int kSegmentsInFlight = 4;
+static_assert(kSegmentBytes <= kMaxMessageBytes, "a segment is one message");
 // Polling: spin (yielding the CPU) this long after the last progress, then
 // sleep between polls; an idle engine wakes this often to look for aborts.
 constexpr auto kSpinWindow = std::chrono::microseconds(300);
@@ -602,8 +605,9 @@ class Execution {
                     : MPI_Irecv(buf + off, count, MPI_BYTE, peer, tag, comm_, &req);
       TF_RETURN_IF_ERROR(MpiCheck(rc, send ? "MPI_Isend" : "MPI_Irecv"));
       mpi_.push_back(req);
-      // Only the last piece of a message reports completion.
-      info_.push_back({peer, off + count >= bytes ? kind : -1, seg});
+      // Pieces may complete in any order: only a message sent in one piece
+      // reports its completion (segments always are).
+      info_.push_back({peer, bytes <= kMaxMessageBytes ? kind : -1, seg});
       ++active_;
     }
     return absl::OkStatus();
@@ -627,6 +631,14 @@ class Execution {
 };
 
 // Allreduce of one tensor, or of several packed into the fusion buffer.
+//
+// Rank r owns chunk r of the buffer. Reduce-scatter: every rank sends each
+// peer that peer's chunk, segment by segment; rank r receives its chunk's
+// segments into a small ring of slots and reduces them in order. Allgather,
+// pipelined with it: each reduced segment is sent to every peer at once, and
+// a peer's reduced segment is received straight into place once this rank's
+// send of the same region has completed (so that in-place buffers are never
+// overwritten while MPI may still read them).
 class AllreduceExecution : public Execution {
  public:
   AllreduceExecution(std::vector<std::unique_ptr<Request>> requests,
@@ -658,16 +670,20 @@ class AllreduceExecution : public Execution {
       src_ = const_cast<char*>(requests_[0]->input.tensor_data().data());
       dst_ = MutableData(&requests_[0]->output);
     }
+    // A function of (n, size) only: every rank must cut a chunk the same
+    // way. About four segments per chunk, 64 KiB to 1 MiB each.
+    const int64_t seg_bytes = std::clamp<int64_t>(
+        n_ * esize_ / (int64_t{size_} * 4), kMinSegmentBytes, kSegmentBytes);
+    seg_ = std::max<int64_t>(1, seg_bytes / esize_);
     c0_ = ChunkBegin(rank_);
-    c1_ = ChunkBegin(rank_ + 1);
-    seg_ = std::max<int64_t>(1, kSegmentBytes / esize_);
-    nseg_ = (c1_ - c0_ + seg_ - 1) / seg_;
-    if (size_ == 1 || nseg_ == 0) {
-      // Nothing to receive: reduce this rank's chunk alone.
+    nseg_ = Segments(rank_);
+    if (size_ == 1) {
       for (int64_t k = 0; k < nseg_; ++k) ReduceSegment(k, {});
-      reduced_ = nseg_;
-    } else {
-      slot_elems_ = std::min(seg_, c1_ - c0_);
+      next_reduce_ = nseg_;
+      return absl::OkStatus();
+    }
+    if (nseg_ > 0) {
+      slot_elems_ = std::min(seg_, ChunkBegin(rank_ + 1) - c0_);
       const int64_t scratch_bytes =
           int64_t{size_ - 1} * kSegmentsInFlight * slot_elems_ * esize_;
       slots_ = scratch_->Reserve(scratch_bytes);
@@ -677,66 +693,74 @@ class AllreduceExecution : public Execution {
             " bytes of receive buffers"));
       }
       remaining_.assign(nseg_, size_ - 1);
-      for (int64_t k = 0; k < std::min<int64_t>(nseg_, kSegmentsInFlight); ++k) {
+      for (int64_t k = 0; k < std::min<int64_t>(nseg_, kSegmentsInFlight);
+           ++k) {
         TF_RETURN_IF_ERROR(PostSegmentReceives(k));
       }
     }
-    // Send every other rank its chunk of this rank's data, segment by segment.
+    // Send every peer its chunk of this rank's data, segment by segment.
+    sent_.assign(size_, {});
+    next_gather_.assign(size_, 0);
     for (int q = 0; q < size_; ++q) {
       if (q == rank_) continue;
-      const int64_t q0 = ChunkBegin(q), q1 = ChunkBegin(q + 1);
-      for (int64_t b = q0; b < q1; b += seg_) {
-        const int64_t len = std::min(seg_, q1 - b);
-        TF_RETURN_IF_ERROR(Post(true, src_ + b * esize_, len * esize_, q,
-                                kTagReduceScatter, kSend, 0));
+      sent_[q].assign(Segments(q), false);
+      for (int64_t j = 0; j < Segments(q); ++j) {
+        TF_RETURN_IF_ERROR(Post(true, src_ + SegBegin(q, j) * esize_,
+                                SegLen(q, j) * esize_, q, kTagReduceScatter,
+                                kScatterSend, j));
       }
     }
     return absl::OkStatus();
   }
 
  protected:
-  enum Kind { kSend = 0, kSegmentReceive = 1 };
+  enum Kind { kScatterSend = 0, kSegmentReceive = 1, kGather = 2 };
 
   absl::Status OnComplete(const MessageInfo& info) override {
-    if (info.kind != kSegmentReceive) return absl::OkStatus();
-    const int64_t k = info.seg;
-    if (--remaining_[k] > 0) return absl::OkStatus();
-    std::vector<const char*> operands(size_);
-    for (int r = 0; r < size_; ++r) {
-      operands[r] = r == rank_ ? nullptr : Slot(r, k);
+    if (info.kind == kScatterSend) {
+      // The region went out: the peer's reduced segment may land there.
+      const int q = info.peer;
+      sent_[q][info.seg] = true;
+      while (next_gather_[q] < Segments(q) && sent_[q][next_gather_[q]]) {
+        const int64_t j = next_gather_[q]++;
+        TF_RETURN_IF_ERROR(Post(false, dst_ + SegBegin(q, j) * esize_,
+                                SegLen(q, j) * esize_, q, kTagAllgatherPhase,
+                                kGather, j));
+      }
+      return absl::OkStatus();
     }
-    ReduceSegment(k, operands);
-    ++reduced_;
-    if (k + kSegmentsInFlight < nseg_) {
-      TF_RETURN_IF_ERROR(PostSegmentReceives(k + kSegmentsInFlight));
+    if (info.kind != kSegmentReceive) return absl::OkStatus();
+    --remaining_[info.seg];
+    // Reduce in segment order, so that the allgather messages to each peer
+    // go out in the order the peer posts its receives.
+    while (next_reduce_ < nseg_ && remaining_[next_reduce_] == 0) {
+      const int64_t k = next_reduce_++;
+      std::vector<const char*> operands(size_);
+      for (int r = 0; r < size_; ++r) {
+        operands[r] = r == rank_ ? nullptr : Slot(r, k);
+      }
+      ReduceSegment(k, operands);
+      for (int q = 0; q < size_; ++q) {
+        if (q == rank_) continue;
+        TF_RETURN_IF_ERROR(Post(true, dst_ + SegBegin(rank_, k) * esize_,
+                                SegLen(rank_, k) * esize_, q,
+                                kTagAllgatherPhase, kGather, k));
+      }
+      if (k + kSegmentsInFlight < nseg_) {
+        TF_RETURN_IF_ERROR(PostSegmentReceives(k + kSegmentsInFlight));
+      }
     }
     return absl::OkStatus();
   }
 
   absl::Status OnIdle(bool* done) override {
-    if (reduced_ < nseg_) {
-      return absl::InternalError("hpc_ops: allreduce stalled with no message "
-                                 "in flight");
+    bool complete = next_reduce_ == nseg_;
+    for (int q = 0; q < size_ && complete; ++q) {
+      complete = q == rank_ || next_gather_[q] == Segments(q);
     }
-    if (phase_ == 0 && size_ > 1) {
-      // Allgather phase: send this rank's reduced chunk to every rank and
-      // receive theirs straight into place.
-      phase_ = 1;
-      for (int q = 0; q < size_; ++q) {
-        if (q == rank_) continue;
-        const int64_t q0 = ChunkBegin(q), q1 = ChunkBegin(q + 1);
-        if (c1_ > c0_) {
-          TF_RETURN_IF_ERROR(Post(true, dst_ + c0_ * esize_,
-                                  (c1_ - c0_) * esize_, q, kTagAllgatherPhase,
-                                  kSend, 0));
-        }
-        if (q1 > q0) {
-          TF_RETURN_IF_ERROR(Post(false, dst_ + q0 * esize_,
-                                  (q1 - q0) * esize_, q, kTagAllgatherPhase,
-                                  kSend, 0));
-        }
-      }
-      if (active_ > 0) return absl::OkStatus();
+    if (!complete) {
+      return absl::InternalError(
+          "hpc_ops: allreduce stalled with no message in flight");
     }
     if (packed_) {
       int64_t off = 0;
@@ -753,6 +777,13 @@ class AllreduceExecution : public Execution {
   int64_t ChunkBegin(int r) const {
     return static_cast<int64_t>(static_cast<__int128>(n_) * r / size_);
   }
+  int64_t Segments(int r) const {
+    return (ChunkBegin(r + 1) - ChunkBegin(r) + seg_ - 1) / seg_;
+  }
+  int64_t SegBegin(int r, int64_t k) const { return ChunkBegin(r) + k * seg_; }
+  int64_t SegLen(int r, int64_t k) const {
+    return std::min(seg_, ChunkBegin(r + 1) - SegBegin(r, k));
+  }
 
   char* Slot(int r, int64_t k) const {
     const int peer_index = r < rank_ ? r : r - 1;
@@ -763,28 +794,27 @@ class AllreduceExecution : public Execution {
   }
 
   absl::Status PostSegmentReceives(int64_t k) {
-    const int64_t b = c0_ + k * seg_;
-    const int64_t len = std::min(seg_, c1_ - b);
     for (int q = 0; q < size_; ++q) {
       if (q == rank_) continue;
-      TF_RETURN_IF_ERROR(Post(false, Slot(q, k), len * esize_, q,
+      TF_RETURN_IF_ERROR(Post(false, Slot(q, k), SegLen(rank_, k) * esize_, q,
                               kTagReduceScatter, kSegmentReceive, k));
     }
     return absl::OkStatus();
   }
 
   // dst[segment k of my chunk] = the ranks' segments combined in rank order;
-  // operands[rank_] is this rank's own data (null placeholder on input).
+  // operands[rank_] is this rank's own data (a null placeholder on input).
   void ReduceSegment(int64_t k, std::vector<const char*> operands) {
-    const int64_t b = c0_ + k * seg_;
-    const int64_t len = std::min(seg_, c1_ - b);
+    const int64_t b = SegBegin(rank_, k);
+    const int64_t len = SegLen(rank_, k);
     if (operands.empty()) operands.assign(1, nullptr);
     for (auto& p : operands) {
       if (p == nullptr) p = src_ + b * esize_;
     }
-    const bool copy_only = operands.size() == 1 && op_ != ReduceOp::kAverage;
-    if (copy_only) {
-      if (dst_ != src_) std::memcpy(dst_ + b * esize_, operands[0], len * esize_);
+    if (operands.size() == 1 && op_ != ReduceOp::kAverage) {
+      if (dst_ != src_) {
+        std::memcpy(dst_ + b * esize_, operands[0], len * esize_);
+      }
       return;
     }
     Reduce(ctx_, rt_, op_, operands, len, size_, dst_ + b * esize_);
@@ -800,12 +830,13 @@ class AllreduceExecution : public Execution {
   bool packed_ = false;
   char* src_ = nullptr;
   char* dst_ = nullptr;
-  int64_t c0_ = 0, c1_ = 0;  // this rank's chunk, in elements
+  int64_t c0_ = 0;  // this rank's chunk starts here (elements)
   int64_t seg_ = 1, nseg_ = 0, slot_elems_ = 0;
   char* slots_ = nullptr;
-  std::vector<int> remaining_;  // receives outstanding per segment
-  int64_t reduced_ = 0;
-  int phase_ = 0;
+  std::vector<int> remaining_;  // receives outstanding per own segment
+  int64_t next_reduce_ = 0;
+  std::vector<std::vector<bool>> sent_;  // [peer][segment] scatter sent
+  std::vector<int64_t> next_gather_;     // [peer] next gather receive
 };
 
 class BroadcastExecution : public Execution {
