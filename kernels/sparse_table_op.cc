@@ -137,7 +137,8 @@ class SparseTablePullOp : public OpKernel {
     OP_REQUIRES_OK(ctx, GetTable(ctx, "SparseTablePull", &table));
     const Tensor& keys = ctx->input(1);
     OP_REQUIRES(ctx, keys.dtype() == tensorflow::DT_INT64,
-                errors::InvalidArgument("SparseTablePull: keys must be int64"));
+                errors::InvalidArgument("SparseTablePull: keys must be int64, got ",
+                                        tensorflow::DataTypeString(keys.dtype())));
     OP_REQUIRES(ctx, table->dim() == dim_,
                 errors::InvalidArgument("SparseTablePull: attr dim=", dim_,
                                         " does not match the table's dim ", table->dim()));
@@ -175,7 +176,9 @@ class SparseTablePushOp : public OpKernel {
                     lr.dtype() == tensorflow::DT_FLOAT,
                 errors::InvalidArgument(
                     "SparseTablePush: expected int64 keys, float grads and a float "
-                    "learning_rate"));
+                    "learning_rate, got ", tensorflow::DataTypeString(keys.dtype()), ", ",
+                    tensorflow::DataTypeString(grads.dtype()), " and ",
+                    tensorflow::DataTypeString(lr.dtype())));
     OP_REQUIRES_OK(ctx, CheckScalar("SparseTablePush", "learning_rate", lr));
     TensorShape expected = keys.shape();
     OP_REQUIRES_OK(ctx, expected.AddDimWithStatus(table->dim()));
@@ -296,7 +299,13 @@ class SparseTableImportOp : public OpKernel {
                     slots.dtype() == tensorflow::DT_FLOAT &&
                     counters.dtype() == tensorflow::DT_INT64 &&
                     step.dtype() == tensorflow::DT_INT64,
-                errors::InvalidArgument(kOp, ": unexpected input dtypes"));
+                errors::InvalidArgument(
+                    kOp, ": expected int64 keys, float values and slots, int64 counters "
+                    "and step, got ", tensorflow::DataTypeString(keys.dtype()), ", ",
+                    tensorflow::DataTypeString(values.dtype()), ", ",
+                    tensorflow::DataTypeString(slots.dtype()), ", ",
+                    tensorflow::DataTypeString(counters.dtype()), " and ",
+                    tensorflow::DataTypeString(step.dtype())));
     OP_REQUIRES(ctx, TensorShapeUtils::IsVector(keys.shape()),
                 errors::InvalidArgument(kOp, ": keys must be a vector, got shape ",
                                         keys.shape().DebugString()));

@@ -2,6 +2,10 @@
 // arbitrary int64 ids that grows as new ids arrive, with its optimizer on the
 // table side. Kernels: ../kernels/sparse_table_op.cc (OpKernels) and
 // ../kernels/sparse_table_op_cpu.cc (the table and the pull/push algorithms).
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -14,10 +18,44 @@ using shape_inference::ShapeHandle;
 
 namespace {
 
+// Replaces a failed shape check's generic message with one that names the
+// op, the input and what was expected (the kernels say the same at run time).
+absl::Status Explain(const absl::Status& s, const char* op,
+                     const std::string& what) {
+  if (s.ok()) return s;
+  return absl::InvalidArgumentError(
+      absl::StrCat(op, ": ", what, " (", s.message(), ")"));
+}
+
+// `name` (input i) must have rank `rank`.
+absl::Status CheckRank(InferenceContext* c, const char* op, int i,
+                       const char* name, int rank, ShapeHandle* out) {
+  return Explain(c->WithRank(c->input(i), rank, out), op,
+                 absl::StrCat(name, " must have rank ", rank, ", got shape ",
+                              c->DebugString(c->input(i))));
+}
+
 // Every sparse_table op takes the table handle as a scalar input 0.
-absl::Status ValidateTableHandle(InferenceContext* c) {
+absl::Status ValidateTableHandle(InferenceContext* c, const char* op) {
   ShapeHandle unused;
-  return c->WithRank(c->input(0), 0, &unused);
+  return Explain(c->WithRank(c->input(0), 0, &unused), op,
+                 absl::StrCat("table_handle must be a scalar resource, got "
+                              "shape ",
+                              c->DebugString(c->input(0))));
+}
+
+// grads (input `grads_index`) must be keys.shape + [dim].
+absl::Status MergeGrads(InferenceContext* c, const char* op, int keys_index,
+                        int grads_index, ShapeHandle* grads) {
+  ShapeHandle expected;
+  TF_RETURN_IF_ERROR(c->Concatenate(c->input(keys_index),
+                                    c->Vector(InferenceContext::kUnknownDim),
+                                    &expected));
+  return Explain(
+      c->Merge(c->input(grads_index), expected, grads), op,
+      absl::StrCat("grads shape ", c->DebugString(c->input(grads_index)),
+                   " does not match keys shape ",
+                   c->DebugString(c->input(keys_index)), " + [dim]"));
 }
 
 }  // namespace
@@ -87,7 +125,7 @@ REGISTER_OP("SparseTablePull")
     .Attr("insert_missing: bool = true")
     .SetIsStateful()
     .SetShapeFn([](InferenceContext* c) {
-      TF_RETURN_IF_ERROR(ValidateTableHandle(c));
+      TF_RETURN_IF_ERROR(ValidateTableHandle(c, "SparseTablePull"));
       int64_t dim;
       TF_RETURN_IF_ERROR(c->GetAttr("dim", &dim));
       ShapeHandle out;
@@ -114,12 +152,11 @@ REGISTER_OP("SparseTablePush")
     .Output("step: int64")
     .SetIsStateful()
     .SetShapeFn([](InferenceContext* c) {
-      TF_RETURN_IF_ERROR(ValidateTableHandle(c));
-      ShapeHandle expected, unused;
-      TF_RETURN_IF_ERROR(
-          c->Concatenate(c->input(1), c->Vector(InferenceContext::kUnknownDim), &expected));
-      TF_RETURN_IF_ERROR(c->Merge(c->input(2), expected, &unused));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 0, &unused));
+      constexpr char kOp[] = "SparseTablePush";
+      TF_RETURN_IF_ERROR(ValidateTableHandle(c, kOp));
+      ShapeHandle unused;
+      TF_RETURN_IF_ERROR(MergeGrads(c, kOp, 1, 2, &unused));
+      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 3, "learning_rate", 0, &unused));
       c->set_output(0, c->Scalar());
       return absl::OkStatus();
     })
@@ -142,7 +179,7 @@ REGISTER_OP("SparseTableSize")
     .Output("size: int64")
     .SetIsStateful()
     .SetShapeFn([](InferenceContext* c) {
-      TF_RETURN_IF_ERROR(ValidateTableHandle(c));
+      TF_RETURN_IF_ERROR(ValidateTableHandle(c, "SparseTableSize"));
       c->set_output(0, c->Scalar());
       return absl::OkStatus();
     })
@@ -159,7 +196,7 @@ REGISTER_OP("SparseTableExport")
     .Output("step: int64")
     .SetIsStateful()
     .SetShapeFn([](InferenceContext* c) {
-      TF_RETURN_IF_ERROR(ValidateTableHandle(c));
+      TF_RETURN_IF_ERROR(ValidateTableHandle(c, "SparseTableExport"));
       DimensionHandle n = c->UnknownDim();
       DimensionHandle d = c->UnknownDim();
       c->set_output(0, c->Vector(n));
@@ -190,19 +227,30 @@ REGISTER_OP("SparseTableImport")
     .Input("step: int64")
     .SetIsStateful()
     .SetShapeFn([](InferenceContext* c) {
-      TF_RETURN_IF_ERROR(ValidateTableHandle(c));
+      constexpr char kOp[] = "SparseTableImport";
+      TF_RETURN_IF_ERROR(ValidateTableHandle(c, kOp));
       ShapeHandle keys, values, slots, counters, unused;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 1, &keys));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &values));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 3, &slots));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(4), 2, &counters));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(5), 0, &unused));
+      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 1, "keys", 1, &keys));
+      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 2, "values", 2, &values));
+      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 3, "slots", 3, &slots));
+      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 4, "counters", 2, &counters));
+      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 5, "step", 0, &unused));
       DimensionHandle n = c->Dim(keys, 0);
-      TF_RETURN_IF_ERROR(c->Merge(n, c->Dim(values, 0), &n));
-      TF_RETURN_IF_ERROR(c->Merge(n, c->Dim(slots, 0), &n));
-      TF_RETURN_IF_ERROR(c->Merge(n, c->Dim(counters, 0), &n));
+      const char* kRows[] = {"values", "slots", "counters"};
+      const ShapeHandle rows[] = {values, slots, counters};
+      for (int i = 0; i < 3; ++i) {
+        TF_RETURN_IF_ERROR(Explain(
+            c->Merge(n, c->Dim(rows[i], 0), &n), kOp,
+            absl::StrCat(kRows[i], " shape ", c->DebugString(rows[i]),
+                         " must have one row per key (keys shape ",
+                         c->DebugString(keys), ")")));
+      }
       DimensionHandle d = c->Dim(values, 1);
-      TF_RETURN_IF_ERROR(c->Merge(d, c->Dim(slots, 2), &d));
+      TF_RETURN_IF_ERROR(Explain(
+          c->Merge(d, c->Dim(slots, 2), &d), kOp,
+          absl::StrCat("slots shape ", c->DebugString(slots),
+                       " must end in values' dim (values shape ",
+                       c->DebugString(values), ")")));
       return absl::OkStatus();
     })
     .Doc(R"doc(
@@ -225,10 +273,11 @@ REGISTER_OP("SparseTableEvict")
     .Output("num_evicted: int64")
     .SetIsStateful()
     .SetShapeFn([](InferenceContext* c) {
-      TF_RETURN_IF_ERROR(ValidateTableHandle(c));
+      constexpr char kOp[] = "SparseTableEvict";
+      TF_RETURN_IF_ERROR(ValidateTableHandle(c, kOp));
       ShapeHandle unused;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 0, &unused));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 0, &unused));
+      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 1, "min_frequency", 0, &unused));
+      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 2, "max_idle_steps", 0, &unused));
       c->set_output(0, c->Scalar());
       return absl::OkStatus();
     })
@@ -246,10 +295,8 @@ REGISTER_OP("SparseTableUniqueGrads")
     .Output("unique_keys: int64")
     .Output("summed_grads: float")
     .SetShapeFn([](InferenceContext* c) {
-      ShapeHandle expected, grads;
-      TF_RETURN_IF_ERROR(
-          c->Concatenate(c->input(0), c->Vector(InferenceContext::kUnknownDim), &expected));
-      TF_RETURN_IF_ERROR(c->Merge(c->input(1), expected, &grads));
+      ShapeHandle grads;
+      TF_RETURN_IF_ERROR(MergeGrads(c, "SparseTableUniqueGrads", 0, 1, &grads));
       DimensionHandle u = c->UnknownDim();
       c->set_output(0, c->Vector(u));
       c->set_output(1, c->Matrix(u, c->Dim(grads, -1)));

@@ -1,0 +1,149 @@
+"""Error messages name the op, the input and what was expected: shape
+functions (graph construction, where TensorFlow raises ValueError) and the
+kernels' run-time checks (eager), for the families whose shape functions
+used to return TensorFlow's generic "Shapes must be equal rank" messages."""
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from hpc_ops import gen_sparse_table_ops as st
+
+v1 = tf.compat.v1
+
+
+def graph_error(build):
+  """The message of the error raised while building `build`'s ops."""
+  with tf.Graph().as_default():
+    with pytest.raises(ValueError) as info:
+      build()
+  return str(info.value)
+
+
+def handle(shape=()):
+  return v1.placeholder(tf.resource, shape=shape)
+
+
+def ph(dtype, shape):
+  return v1.placeholder(dtype, shape=shape)
+
+
+F, I = tf.float32, tf.int64
+
+# (build, fragments that must all appear in the message)
+SPARSE_TABLE_SHAPE_ERRORS = {
+    "push_grads": (
+        lambda: st.sparse_table_push(handle(), ph(I, [4]), ph(F, [4, 8, 2]),
+                                     ph(F, [])),
+        ["SparseTablePush: grads shape [4,8,2] does not match keys shape [4] "
+         "+ [dim]"]),
+    "push_grads_rows": (
+        lambda: st.sparse_table_push(handle(), ph(I, [4]), ph(F, [3, 8]),
+                                     ph(F, [])),
+        ["SparseTablePush: grads shape [3,8] does not match keys shape [4]"]),
+    "push_learning_rate": (
+        lambda: st.sparse_table_push(handle(), ph(I, [4]), ph(F, [4, 8]),
+                                     ph(F, [2])),
+        ["SparseTablePush: learning_rate must have rank 0, got shape [2]"]),
+    "pull_handle": (
+        lambda: st.sparse_table_pull(handle([2]), ph(I, [4]), dim=8),
+        ["SparseTablePull: table_handle must be a scalar resource, got shape "
+         "[2]"]),
+    "size_handle": (
+        lambda: st.sparse_table_size(handle([1, 1])),
+        ["SparseTableSize: table_handle must be a scalar resource"]),
+    "export_handle": (
+        lambda: st.sparse_table_export(handle([3])),
+        ["SparseTableExport: table_handle must be a scalar resource"]),
+    "import_keys": (
+        lambda: st.sparse_table_import(handle(), ph(I, [2, 2]), ph(F, [2, 4]),
+                                       ph(F, [2, 1, 4]), ph(I, [2, 0]),
+                                       ph(I, [])),
+        ["SparseTableImport: keys must have rank 1, got shape [2,2]"]),
+    "import_step": (
+        lambda: st.sparse_table_import(handle(), ph(I, [2]), ph(F, [2, 4]),
+                                       ph(F, [2, 1, 4]), ph(I, [2, 0]),
+                                       ph(I, [1])),
+        ["SparseTableImport: step must have rank 0, got shape [1]"]),
+    "import_values_rows": (
+        lambda: st.sparse_table_import(handle(), ph(I, [2]), ph(F, [3, 4]),
+                                       ph(F, [2, 1, 4]), ph(I, [2, 0]),
+                                       ph(I, [])),
+        ["SparseTableImport: values shape [3,4] must have one row per key "
+         "(keys shape [2])"]),
+    "import_counters_rows": (
+        lambda: st.sparse_table_import(handle(), ph(I, [2]), ph(F, [2, 4]),
+                                       ph(F, [2, 1, 4]), ph(I, [5, 0]),
+                                       ph(I, [])),
+        ["SparseTableImport: counters shape [5,0] must have one row per key"]),
+    "import_slots_dim": (
+        lambda: st.sparse_table_import(handle(), ph(I, [2]), ph(F, [2, 4]),
+                                       ph(F, [2, 1, 5]), ph(I, [2, 0]),
+                                       ph(I, [])),
+        ["SparseTableImport: slots shape [2,1,5] must end in values' dim "
+         "(values shape [2,4])"]),
+    "evict_min_frequency": (
+        lambda: st.sparse_table_evict(handle(), ph(I, [2]), ph(I, [])),
+        ["SparseTableEvict: min_frequency must have rank 0, got shape [2]"]),
+    "evict_max_idle_steps": (
+        lambda: st.sparse_table_evict(handle(), ph(I, []), ph(I, [1, 1])),
+        ["SparseTableEvict: max_idle_steps must have rank 0"]),
+    "unique_grads": (
+        lambda: st.sparse_table_unique_grads(ph(I, [4, 2]), ph(F, [4, 8])),
+        ["SparseTableUniqueGrads: grads shape [4,8] does not match keys shape "
+         "[4,2] + [dim]"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPARSE_TABLE_SHAPE_ERRORS))
+def test_sparse_table_shape_function_messages(case):
+  build, fragments = SPARSE_TABLE_SHAPE_ERRORS[case]
+  message = graph_error(build)
+  for f in fragments:
+    assert f in message, message
+
+
+def test_sparse_table_shape_functions_accept_unknown_shapes():
+  with tf.Graph().as_default():
+    h = handle(None)
+    st.sparse_table_push(h, ph(I, None), ph(F, None), ph(F, None))
+    st.sparse_table_import(h, ph(I, None), ph(F, None), ph(F, None),
+                           ph(I, None), ph(I, None))
+    _, summed = st.sparse_table_unique_grads(ph(I, [None]), ph(F, [None, 8]))
+    assert summed.shape.as_list() == [None, 8]
+
+
+def test_sparse_table_push_kernel_message_matches_the_shape_function():
+  # The run-time check (eager skips the shape function) names the table's dim.
+  h = st.sparse_table_handle(dim=16, shared_name="test_errors_push")
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"SparseTablePush: grads shape \[4,8\] does not "
+                           r"match keys shape \[4\] \+ \[dim=16\]"):
+    st.sparse_table_push(h, tf.zeros([4], tf.int64), tf.zeros([4, 8]), 0.1)
+
+
+@pytest.mark.skipif(shutil.which("mpicc") is None,
+                    reason="the collective ops are not built")
+def test_allgather_shape_function_message():
+  from hpc_ops import gen_collective_ops
+  message = graph_error(
+      lambda: gen_collective_ops.hpc_allgather(ph(F, []), tensor_name="g"))
+  assert ("HpcAllgather: tensor must have rank >= 1 (it is concatenated along "
+          "dimension 0), got shape []") in message, message
+  # Unknown rank is fine at graph construction.
+  with tf.Graph().as_default():
+    y = gen_collective_ops.hpc_allgather(ph(F, None), tensor_name="g")
+    assert y.shape.rank is None
+    y = gen_collective_ops.hpc_allgather(ph(F, [3, 5]), tensor_name="g")
+    assert y.shape.as_list() == [None, 5]
+
+
+@pytest.mark.parametrize("x", [np.float32(1.0), np.zeros([], np.int64)])
+def test_allgather_kernel_message(x):
+  if shutil.which("mpicc") is None:
+    pytest.skip("the collective ops are not built")
+  from hpc_ops import gen_collective_ops
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"HpcAllgather: tensor must have rank >= 1"):
+    gen_collective_ops.hpc_allgather(x, tensor_name="test_errors")
