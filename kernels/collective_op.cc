@@ -244,7 +244,9 @@ class HpcAllreduceOp : public CollectiveOpKernel {
     OP_REQUIRES_ASYNC(ctx, SizeFits(input),
                       InvalidArgument(
                           "HpcAllreduce: tensor of shape ",
-                          input.shape().DebugString(), " is too large"),
+                          input.shape().DebugString(),
+                          " is too large: its size as 8-byte elements must "
+                          "fit in int64"),
                       done);
     Tensor* output = nullptr;
     // Reduce in place when nothing else holds the input.
@@ -283,7 +285,9 @@ class HpcBroadcastOp : public CollectiveOpKernel {
     OP_REQUIRES_ASYNC(ctx, SizeFits(input),
                       InvalidArgument(
                           "HpcBroadcast: tensor of shape ",
-                          input.shape().DebugString(), " is too large"),
+                          input.shape().DebugString(),
+                          " is too large: its size as 8-byte elements must "
+                          "fit in int64"),
                       done);
     Tensor* output = nullptr;
     OP_REQUIRES_OK_ASYNC(ctx,
@@ -325,7 +329,9 @@ class HpcAllgatherOp : public CollectiveOpKernel {
     OP_REQUIRES_ASYNC(ctx, SizeFits(input),
                       InvalidArgument(
                           "HpcAllgather: tensor of shape ",
-                          input.shape().DebugString(), " is too large"),
+                          input.shape().DebugString(),
+                          " is too large: its size as 8-byte elements must "
+                          "fit in int64"),
                       done);
     // The output shape is known once every process reported its first
     // dimension: the runtime allocates it.

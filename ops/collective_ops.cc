@@ -9,6 +9,8 @@
 // tensor fusion. They are matched across processes by name instead (see
 // `tensor_name`), so common-subexpression elimination or pruning, which act
 // identically on every process, cannot pair the wrong calls.
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -71,7 +73,12 @@ REGISTER_OP("HpcAllgather")
     .Attr("tensor_name: string = ''")
     .SetShapeFn([](shape_inference::InferenceContext* c) {
       shape_inference::ShapeHandle in;
-      TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(0), 1, &in));
+      if (!c->WithRankAtLeast(c->input(0), 1, &in).ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "HpcAllgather: tensor must have rank >= 1 (it is concatenated "
+            "along dimension 0), got shape ",
+            c->DebugString(c->input(0))));
+      }
       shape_inference::ShapeHandle out;
       // The first dimension may differ per process: unknown until run time.
       TF_RETURN_IF_ERROR(c->ReplaceDim(in, 0, c->UnknownDim(), &out));
