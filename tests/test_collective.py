@@ -223,12 +223,23 @@ def test_settings_are_validated(fresh_python):
   proc = fresh_python("""
       import tensorflow as tf
       import hpc_ops.distributed as hd
+      for attempt in range(2):  # the same error again, no hang at exit
+        try:
+          hd.allreduce(tf.ones([1]))
+        except tf.errors.InvalidArgumentError as e:
+          print("ERROR:", e.message)
+  """, env={"HPC_OPS_TIMEOUT_SECONDS": "soon", "HPC_OPS_MPI": "2"})
+  assert proc.stdout.count("HPC_OPS_TIMEOUT_SECONDS='soon' is not a number "
+                           ">= 0.001") == 2, proc.stdout
+  proc = fresh_python("""
+      import tensorflow as tf
+      import hpc_ops.distributed as hd
       try:
-        hd.allreduce(tf.ones([1]))
+        hd.init()
       except tf.errors.InvalidArgumentError as e:
         print("ERROR:", e.message)
-  """, env={"HPC_OPS_TIMEOUT_SECONDS": "soon"})
-  assert "HPC_OPS_TIMEOUT_SECONDS='soon' is not a number" in proc.stdout
+  """, env={"HPC_OPS_MPI": "2"})
+  assert "HPC_OPS_MPI='2' must be 0 or 1" in proc.stdout, proc.stdout
 
 
 # ---------------------------------------------------------------------------
