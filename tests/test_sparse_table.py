@@ -462,6 +462,18 @@ def test_variable_handle_is_refused():
     gen.sparse_table_export(v.handle)
 
 
+def test_non_scalar_handles_are_refused():
+  t = table(dim=2)
+  h = t.resource_handle
+  # (TensorFlow's eager runtime refuses an empty handle tensor itself.)
+  msg = "table_handle must be a scalar resource|Empty resource handle"
+  for bad in (tf.stack([h, h]), tf.gather(tf.stack([h]), tf.zeros([0], tf.int32))):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=msg):
+      gen.sparse_table_pull(bad, [1], dim=2)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=msg):
+      gen.sparse_table_size(bad)
+
+
 def test_destroyed_table_is_a_clean_error():
   t = table(dim=2)
   h = t.resource_handle

@@ -25,15 +25,24 @@ def _setup():
     counters = (1 if opt == "adam" else 0) + (2 if track else 0)
     _TABLES.append((h, dim, slots, counters))
   v = tf.Variable(tf.zeros([4]))
-  _WRONG.append(v)  # keeps the variable alive
-  _WRONG.append(v.handle)
+  h = _TABLES[1][0]
+  deleted = gen.sparse_table_handle(dim=4, shared_name="fuzz_deleted")
+  tf.raw_ops.DestroyResourceOp(resource=deleted)
+  _WRONG.extend([
+      v.handle,                                   # another resource type
+      deleted,                                    # a destroyed table
+      tf.stack([h, h]),                           # rank 1
+      tf.gather(tf.stack([h]), tf.zeros([0], tf.int32)),  # empty
+  ])
+  _WRONG.append(v)  # keeps the variable alive (not drawn)
 
 
 @st.composite
 def _handle(draw):
-  """A live table (with its dim, slots, counters) or a wrong handle."""
-  if draw(st.integers(0, 9)) == 0 and _WRONG:
-    return _WRONG[1], 4, 0, 0
+  """A live table (with its dim, slots, counters) or a bad handle: another
+  resource type, a destroyed table, a rank-1 or an empty handle tensor."""
+  if draw(st.integers(0, 5)) == 0 and _WRONG:
+    return draw(st.sampled_from(_WRONG[:4])), 4, 1, 2
   return draw(st.sampled_from(_TABLES))
 
 
