@@ -156,7 +156,8 @@ def worker_tf_collective(sizes, quick):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tensorflow as tf
   comm = tf.distribute.experimental.CommunicationOptions(
-      implementation=tf.distribute.experimental.CommunicationImplementation.RING)
+      implementation=(
+          tf.distribute.experimental.CommunicationImplementation.RING))
   strategy = tf.distribute.MultiWorkerMirroredStrategy(
       communication_options=comm)
   r = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
@@ -248,7 +249,9 @@ def launch_tf_collective(args, env):
 
 
 def fmt_size(nbytes):
-  return "%d KB" % (nbytes >> 10) if nbytes < 1 << 20 else "%d MB" % (nbytes >> 20)
+  if nbytes < 1 << 20:
+    return "%d KB" % (nbytes >> 10)
+  return "%d MB" % (nbytes >> 20)
 
 
 def main():
@@ -267,7 +270,8 @@ def main():
   if setting == "BFC":
     env.update(MALLOC_ENV)
   label = ("TF default allocator, glibc malloc defaults" if setting == "default"
-           else "TF_CPU_ALLOCATOR_USE_BFC=true, MALLOC_MMAP_THRESHOLD_=1073741824")
+           else "TF_CPU_ALLOCATOR_USE_BFC=true, "
+           "MALLOC_MMAP_THRESHOLD_=1073741824")
   print("\n## Allreduce, float32 SUM, %d processes on loopback (%s)" %
         (args.np, label), flush=True)
   if shutil.which("mpirun") is None:
@@ -315,7 +319,8 @@ def main():
       ["size", "hpc_ops tf.function", "hpc_ops chained", "hpc_ops algbw",
        "mpi4py", "bw vs mpi4py", "chained bw vs mpi4py", "Horovod",
        "speedup vs Horovod", "TF collective", "speedup vs TF"], rows)
-  many, single = by.get(("hpc_ops_64x16KB", 1 << 20)), t("hpc_ops_1x1MB", 1 << 20)
+  many = by.get(("hpc_ops_64x16KB", 1 << 20))
+  single = t("hpc_ops_1x1MB", 1 << 20)
   if many and single:
     bench_util.print_table(
         "64 tensors of 16 KB issued together vs one 1 MB tensor (%s)" % label,

@@ -139,8 +139,8 @@ struct CollectiveReduce<CPUDevice, T> {
                       divisor, dst);
           break;
         case ReduceOp::kProduct:
-          ReduceRange(ProductOp<T>(), operands, num_operands, begin, end,
-                      false, divisor, dst);
+          ReduceRange(ProductOp<T>(), operands, num_operands, begin, end, false,
+                      divisor, dst);
           break;
       }
     };
@@ -234,26 +234,27 @@ class HpcAllreduceOp : public CollectiveOpKernel {
     } else {
       ctx->CtxFailure(InvalidArgument(
           "HpcAllreduce: reduce_op must be one of sum, average, min, max, "
-          "product; got '", op, "'"));
+          "product; got '",
+          op, "'"));
     }
   }
 
   void ComputeAsync(OpKernelContext* ctx, DoneCallback done) override {
     OP_REQUIRES_OK_ASYNC(ctx, collective::EnsureInitialized(), done);
     const Tensor& input = ctx->input(0);
-    OP_REQUIRES_ASYNC(ctx, SizeFits(input),
-                      InvalidArgument(
-                          "HpcAllreduce: tensor of shape ",
-                          input.shape().DebugString(),
-                          " is too large: its size as 8-byte elements must "
-                          "fit in int64"),
-                      done);
+    OP_REQUIRES_ASYNC(
+        ctx, SizeFits(input),
+        InvalidArgument("HpcAllreduce: tensor of shape ",
+                        input.shape().DebugString(),
+                        " is too large: its size as 8-byte elements must "
+                        "fit in int64"),
+        done);
     Tensor* output = nullptr;
     // Reduce in place when nothing else holds the input.
-    OP_REQUIRES_OK_ASYNC(ctx,
-                         ctx->forward_input_or_allocate_output(
-                             {0}, 0, input.shape(), &output),
-                         done);
+    OP_REQUIRES_OK_ASYNC(
+        ctx,
+        ctx->forward_input_or_allocate_output({0}, 0, input.shape(), &output),
+        done);
     auto r = NewRequest(ctx, OpType::kAllreduce, std::move(done));
     r->reduce_op = op_;
     r->output = *output;
@@ -275,25 +276,24 @@ class HpcBroadcastOp : public CollectiveOpKernel {
 
   void ComputeAsync(OpKernelContext* ctx, DoneCallback done) override {
     OP_REQUIRES_OK_ASYNC(ctx, collective::EnsureInitialized(), done);
-    OP_REQUIRES_ASYNC(
-        ctx, root_rank_ < collective::Size(),
-        InvalidArgument("HpcBroadcast: root_rank ", root_rank_,
-                        " is out of range for a job of ", collective::Size(),
-                        " process(es)"),
-        done);
-    const Tensor& input = ctx->input(0);
-    OP_REQUIRES_ASYNC(ctx, SizeFits(input),
-                      InvalidArgument(
-                          "HpcBroadcast: tensor of shape ",
-                          input.shape().DebugString(),
-                          " is too large: its size as 8-byte elements must "
-                          "fit in int64"),
+    OP_REQUIRES_ASYNC(ctx, root_rank_ < collective::Size(),
+                      InvalidArgument("HpcBroadcast: root_rank ", root_rank_,
+                                      " is out of range for a job of ",
+                                      collective::Size(), " process(es)"),
                       done);
+    const Tensor& input = ctx->input(0);
+    OP_REQUIRES_ASYNC(
+        ctx, SizeFits(input),
+        InvalidArgument("HpcBroadcast: tensor of shape ",
+                        input.shape().DebugString(),
+                        " is too large: its size as 8-byte elements must "
+                        "fit in int64"),
+        done);
     Tensor* output = nullptr;
-    OP_REQUIRES_OK_ASYNC(ctx,
-                         ctx->forward_input_or_allocate_output(
-                             {0}, 0, input.shape(), &output),
-                         done);
+    OP_REQUIRES_OK_ASYNC(
+        ctx,
+        ctx->forward_input_or_allocate_output({0}, 0, input.shape(), &output),
+        done);
     // The root sends from its output buffer.
     if (collective::Rank() == root_rank_ &&
         output->tensor_data().data() != input.tensor_data().data() &&
@@ -326,13 +326,13 @@ class HpcAllgatherOp : public CollectiveOpKernel {
             "along dimension 0), got shape ",
             input.shape().DebugString()),
         done);
-    OP_REQUIRES_ASYNC(ctx, SizeFits(input),
-                      InvalidArgument(
-                          "HpcAllgather: tensor of shape ",
-                          input.shape().DebugString(),
-                          " is too large: its size as 8-byte elements must "
-                          "fit in int64"),
-                      done);
+    OP_REQUIRES_ASYNC(
+        ctx, SizeFits(input),
+        InvalidArgument("HpcAllgather: tensor of shape ",
+                        input.shape().DebugString(),
+                        " is too large: its size as 8-byte elements must "
+                        "fit in int64"),
+        done);
     // The output shape is known once every process reported its first
     // dimension: the runtime allocates it.
     collective::Enqueue(NewRequest(ctx, OpType::kAllgather, std::move(done)));
@@ -353,19 +353,19 @@ class ProcessInfoOp : public OpKernel {
   }
 };
 
-#define REGISTER_CPU(T)                                                       \
-  REGISTER_KERNEL_BUILDER(                                                    \
-      Name("HpcAllreduce").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>(  \
-          "T"),                                                               \
-      HpcAllreduceOp);                                                        \
-  REGISTER_KERNEL_BUILDER(                                                    \
-      Name("HpcBroadcast").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>(  \
-          "T"),                                                               \
-      HpcBroadcastOp);                                                        \
-  REGISTER_KERNEL_BUILDER(                                                    \
-      Name("HpcAllgather").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>(  \
-          "T"),                                                               \
-      HpcAllgatherOp)
+#define REGISTER_CPU(T)                                       \
+  REGISTER_KERNEL_BUILDER(Name("HpcAllreduce")                \
+                              .Device(tensorflow::DEVICE_CPU) \
+                              .TypeConstraint<T>("T"),        \
+                          HpcAllreduceOp);                    \
+  REGISTER_KERNEL_BUILDER(Name("HpcBroadcast")                \
+                              .Device(tensorflow::DEVICE_CPU) \
+                              .TypeConstraint<T>("T"),        \
+                          HpcBroadcastOp);                    \
+  REGISTER_KERNEL_BUILDER(Name("HpcAllgather")                \
+                              .Device(tensorflow::DEVICE_CPU) \
+                              .TypeConstraint<T>("T"),        \
+                          HpcAllgatherOp)
 
 REGISTER_CPU(int32_t);
 REGISTER_CPU(int64_t);

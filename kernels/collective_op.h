@@ -36,8 +36,8 @@ struct CollectiveReduce {
 // dst[i] = To(src[i]); narrowing float conversions round to nearest even.
 template <typename Device, typename From, typename To>
 struct CollectiveConvert {
-  void operator()(tensorflow::OpKernelContext* ctx, const From* src,
-                  int64_t n, To* dst);
+  void operator()(tensorflow::OpKernelContext* ctx, const From* src, int64_t n,
+                  To* dst);
 };
 
 }  // namespace functor

@@ -44,8 +44,8 @@
 #include <utility>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kernels/collective_op.h"
 #include "tensorflow/core/framework/register_types.h"
@@ -150,7 +150,8 @@ absl::Status ReadConfig(Config* c) {
   double threshold = static_cast<double>(c->fusion_threshold);
   TF_RETURN_IF_ERROR(ParseDouble("HPC_OPS_FUSION_THRESHOLD", 0, &threshold));
   c->fusion_threshold = static_cast<int64_t>(threshold);
-  TF_RETURN_IF_ERROR(ParseDouble("HPC_OPS_CYCLE_TIME_MS", 0, &c->cycle_time_ms));
+  TF_RETURN_IF_ERROR(
+      ParseDouble("HPC_OPS_CYCLE_TIME_MS", 0, &c->cycle_time_ms));
   const char* mpi = std::getenv("HPC_OPS_MPI");
   if (mpi != nullptr && *mpi != '\0') {
     if (std::strcmp(mpi, "0") == 0) {
@@ -357,9 +358,9 @@ struct Response {
   DataType dtype = tensorflow::DT_INVALID;
   ReduceOp reduce_op = ReduceOp::kSum;
   int32_t root_rank = 0;
-  std::vector<std::string> keys;     // fused allreduces: in packing order
-  std::vector<int64_t> first_dims;   // allgather: per rank
-  std::string error;                 // kError: the message for every rank
+  std::vector<std::string> keys;    // fused allreduces: in packing order
+  std::vector<int64_t> first_dims;  // allgather: per rank
+  std::string error;                // kError: the message for every rank
 };
 
 void WriteResponse(const Response& r, Writer* w) {
@@ -404,9 +405,9 @@ void ReduceTyped(tensorflow::OpKernelContext* ctx, ReduceOp op,
   for (size_t i = 0; i < operands.size(); ++i) {
     typed[i] = reinterpret_cast<const T*>(operands[i]);
   }
-  functor::CollectiveReduce<CPUDevice, T>()(
-      ctx, op, typed.data(), static_cast<int>(typed.size()), n, divisor,
-      reinterpret_cast<T*>(dst));
+  functor::CollectiveReduce<CPUDevice, T>()(ctx, op, typed.data(),
+                                            static_cast<int>(typed.size()), n,
+                                            divisor, reinterpret_cast<T*>(dst));
 }
 
 void Reduce(tensorflow::OpKernelContext* ctx, DataType rt, ReduceOp op,
@@ -506,8 +507,7 @@ class Execution {
  public:
   Execution(std::vector<std::unique_ptr<Request>> requests, MPI_Comm comm,
             int rank, int size)
-      : requests_(std::move(requests)), comm_(comm), rank_(rank),
-        size_(size) {}
+      : requests_(std::move(requests)), comm_(comm), rank_(rank), size_(size) {}
   virtual ~Execution() = default;
 
   // Posts the first messages.
@@ -599,10 +599,12 @@ class Execution {
       info_.resize(j);
     }
     for (int64_t off = 0; off < bytes; off += kMaxMessageBytes) {
-      const int count = static_cast<int>(std::min(kMaxMessageBytes, bytes - off));
+      const int count =
+          static_cast<int>(std::min(kMaxMessageBytes, bytes - off));
       MPI_Request req;
-      int rc = send ? MPI_Isend(buf + off, count, MPI_BYTE, peer, tag, comm_, &req)
-                    : MPI_Irecv(buf + off, count, MPI_BYTE, peer, tag, comm_, &req);
+      int rc =
+          send ? MPI_Isend(buf + off, count, MPI_BYTE, peer, tag, comm_, &req)
+               : MPI_Irecv(buf + off, count, MPI_BYTE, peer, tag, comm_, &req);
       TF_RETURN_IF_ERROR(MpiCheck(rc, send ? "MPI_Isend" : "MPI_Irecv"));
       mpi_.push_back(req);
       // Pieces may complete in any order: only a message sent in one piece
@@ -644,8 +646,11 @@ class AllreduceExecution : public Execution {
   AllreduceExecution(std::vector<std::unique_ptr<Request>> requests,
                      MPI_Comm comm, int rank, int size, DataType rt,
                      ReduceOp op, Buffer* fusion, Buffer* scratch)
-      : Execution(std::move(requests), comm, rank, size), rt_(rt), op_(op),
-        fusion_(fusion), scratch_(scratch) {}
+      : Execution(std::move(requests), comm, rank, size),
+        rt_(rt),
+        op_(op),
+        fusion_(fusion),
+        scratch_(scratch) {}
 
   absl::Status Start() override {
     esize_ = tensorflow::DataTypeSize(rt_);
@@ -656,9 +661,9 @@ class AllreduceExecution : public Execution {
     if (packed_) {
       char* buf = fusion_->Reserve(n_ * esize_);
       if (buf == nullptr && n_ > 0) {
-        return absl::ResourceExhaustedError(absl::StrCat(
-            "hpc_ops: cannot allocate a fusion buffer of ", n_ * esize_,
-            " bytes"));
+        return absl::ResourceExhaustedError(
+            absl::StrCat("hpc_ops: cannot allocate a fusion buffer of ",
+                         n_ * esize_, " bytes"));
       }
       int64_t off = 0;
       for (const auto& r : requests_) {
@@ -688,9 +693,9 @@ class AllreduceExecution : public Execution {
           int64_t{size_ - 1} * kSegmentsInFlight * slot_elems_ * esize_;
       slots_ = scratch_->Reserve(scratch_bytes);
       if (slots_ == nullptr) {
-        return absl::ResourceExhaustedError(absl::StrCat(
-            "hpc_ops: cannot allocate ", scratch_bytes,
-            " bytes of receive buffers"));
+        return absl::ResourceExhaustedError(
+            absl::StrCat("hpc_ops: cannot allocate ", scratch_bytes,
+                         " bytes of receive buffers"));
       }
       remaining_.assign(nseg_, size_ - 1);
       for (int64_t k = 0; k < std::min<int64_t>(nseg_, kSegmentsInFlight);
@@ -787,10 +792,10 @@ class AllreduceExecution : public Execution {
 
   char* Slot(int r, int64_t k) const {
     const int peer_index = r < rank_ ? r : r - 1;
-    return slots_ + ((int64_t{peer_index} * kSegmentsInFlight +
-                      k % kSegmentsInFlight) *
-                     slot_elems_) *
-                        esize_;
+    return slots_ +
+           ((int64_t{peer_index} * kSegmentsInFlight + k % kSegmentsInFlight) *
+            slot_elems_) *
+               esize_;
   }
 
   absl::Status PostSegmentReceives(int64_t k) {
@@ -851,11 +856,12 @@ class BroadcastExecution : public Execution {
     const int64_t bytes = out.TotalBytes();
     if (size_ == 1) return absl::OkStatus();
     for (int64_t off = 0; off < bytes; off += kMaxMessageBytes) {
-      const int count = static_cast<int>(std::min(kMaxMessageBytes, bytes - off));
+      const int count =
+          static_cast<int>(std::min(kMaxMessageBytes, bytes - off));
       MPI_Request req;
-      TF_RETURN_IF_ERROR(MpiCheck(
-          MPI_Ibcast(buf + off, count, MPI_BYTE, root_, comm_, &req),
-          "MPI_Ibcast"));
+      TF_RETURN_IF_ERROR(
+          MpiCheck(MPI_Ibcast(buf + off, count, MPI_BYTE, root_, comm_, &req),
+                   "MPI_Ibcast"));
       Track(req, rank_ == root_ ? -1 : root_);
     }
     return absl::OkStatus();
@@ -910,8 +916,8 @@ class AllgatherExecution : public Execution {
       }
       const int64_t theirs = offset[q + 1] - offset[q];
       if (theirs > 0) {
-        TF_RETURN_IF_ERROR(Post(false, dst + offset[q], theirs, q, kTagGather,
-                                0, 0));
+        TF_RETURN_IF_ERROR(
+            Post(false, dst + offset[q], theirs, q, kTagGather, 0, 0));
       }
     }
     return absl::OkStatus();
@@ -942,8 +948,8 @@ absl::Status ForRequest(const Request& r, const absl::Status& s) {
   const std::string prefix =
       absl::StrCat(OpTypeName(r.op), " ", DisplayKey(r.key), ": ");
   if (absl::StartsWith(s.message(), prefix)) return s;
-  return absl::Status(s.code(), absl::StrCat(prefix, "collectives stopped: ",
-                                             s.message()));
+  return absl::Status(
+      s.code(), absl::StrCat(prefix, "collectives stopped: ", s.message()));
 }
 
 class Engine;
@@ -1107,8 +1113,9 @@ void Engine::Shutdown() {
   while (!state_cv_.wait_for(lock, period, [this] { return exited_; })) {
     if (!init_done_) {
       // Stuck in MPI_Init (a process of the job never started): leave.
-      std::fprintf(stderr, "hpc_ops: MPI initialisation did not finish; "
-                           "exiting without MPI_Finalize\n");
+      std::fprintf(stderr,
+                   "hpc_ops: MPI initialisation did not finish; "
+                   "exiting without MPI_Finalize\n");
       lock.unlock();
       thread_.detach();
       return;
@@ -1116,8 +1123,10 @@ void Engine::Shutdown() {
     // MPI_Finalize returns once every process of the job called it, as
     // in any MPI program: a process that finishes early waits here.
     if (!noted) {
-      std::fprintf(stderr, "hpc_ops: rank %d is waiting for the other "
-                           "processes to finish (MPI_Finalize)\n", rank_);
+      std::fprintf(stderr,
+                   "hpc_ops: rank %d is waiting for the other "
+                   "processes to finish (MPI_Finalize)\n",
+                   rank_);
       noted = true;
     }
   }
@@ -1166,20 +1175,22 @@ void Engine::Run() {
 absl::Status Engine::WaitInit(std::vector<MPI_Request>* reqs,
                               const char* what) {
   const auto deadline =
-      Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                         std::chrono::duration<double>(config_.timeout_seconds));
+      Clock::now() +
+      std::chrono::duration_cast<Clock::duration>(
+          std::chrono::duration<double>(config_.timeout_seconds));
   while (true) {
     int flag = 0;
-    TF_RETURN_IF_ERROR(MpiCheck(
-        MPI_Testall(static_cast<int>(reqs->size()), reqs->data(), &flag,
-                    MPI_STATUSES_IGNORE),
-        what));
+    TF_RETURN_IF_ERROR(
+        MpiCheck(MPI_Testall(static_cast<int>(reqs->size()), reqs->data(),
+                             &flag, MPI_STATUSES_IGNORE),
+                 what));
     if (flag) return absl::OkStatus();
     if (Clock::now() > deadline) {
       return absl::DeadlineExceededError(absl::StrCat(
-          "hpc_ops: ", what, " did not complete within "
-          "HPC_OPS_TIMEOUT_SECONDS=", config_.timeout_seconds,
-          " s; is every process of the job running?"));
+          "hpc_ops: ", what,
+          " did not complete within "
+          "HPC_OPS_TIMEOUT_SECONDS=",
+          config_.timeout_seconds, " s; is every process of the job running?"));
     }
     std::this_thread::sleep_for(std::chrono::microseconds(100));
   }
@@ -1221,10 +1232,10 @@ absl::Status Engine::InitMpi() {
   }
   use_mpi_ = true;
   std::vector<MPI_Request> reqs(2);
-  TF_RETURN_IF_ERROR(
-      MpiCheck(MPI_Comm_idup(MPI_COMM_WORLD, &ctrl_, &reqs[0]), "MPI_Comm_idup"));
-  TF_RETURN_IF_ERROR(
-      MpiCheck(MPI_Comm_idup(MPI_COMM_WORLD, &data_, &reqs[1]), "MPI_Comm_idup"));
+  TF_RETURN_IF_ERROR(MpiCheck(MPI_Comm_idup(MPI_COMM_WORLD, &ctrl_, &reqs[0]),
+                              "MPI_Comm_idup"));
+  TF_RETURN_IF_ERROR(MpiCheck(MPI_Comm_idup(MPI_COMM_WORLD, &data_, &reqs[1]),
+                              "MPI_Comm_idup"));
   TF_RETURN_IF_ERROR(WaitInit(&reqs, "MPI_Comm_idup"));
   // Errors come back as return codes (and become TF errors), never abort.
   TF_RETURN_IF_ERROR(MpiCheck(MPI_Comm_set_errhandler(ctrl_, MPI_ERRORS_RETURN),
@@ -1241,17 +1252,17 @@ absl::Status Engine::InitMpi() {
   TF_RETURN_IF_ERROR(MpiCheck(MPI_Get_processor_name(mine.data(), &len),
                               "MPI_Get_processor_name"));
   reqs.assign(1, MPI_REQUEST_NULL);
-  TF_RETURN_IF_ERROR(MpiCheck(
-      MPI_Iallgather(mine.data(), MPI_MAX_PROCESSOR_NAME, MPI_CHAR,
-                     names.data(), MPI_MAX_PROCESSOR_NAME, MPI_CHAR, ctrl_,
-                     &reqs[0]),
-      "MPI_Iallgather"));
+  TF_RETURN_IF_ERROR(
+      MpiCheck(MPI_Iallgather(mine.data(), MPI_MAX_PROCESSOR_NAME, MPI_CHAR,
+                              names.data(), MPI_MAX_PROCESSOR_NAME, MPI_CHAR,
+                              ctrl_, &reqs[0]),
+               "MPI_Iallgather"));
   TF_RETURN_IF_ERROR(WaitInit(&reqs, "the exchange of host names"));
   local_rank_ = 0;
   for (int r = 0; r < rank_; ++r) {
-    if (std::strncmp(names.data() + static_cast<size_t>(r) *
-                                        MPI_MAX_PROCESSOR_NAME,
-                     mine.data(), MPI_MAX_PROCESSOR_NAME) == 0) {
+    if (std::strncmp(
+            names.data() + static_cast<size_t>(r) * MPI_MAX_PROCESSOR_NAME,
+            mine.data(), MPI_MAX_PROCESSOR_NAME) == 0) {
       ++local_rank_;
     }
   }
@@ -1419,8 +1430,8 @@ absl::Status Engine::HandleMessage(int source, int tag,
       Register(source, std::move(m));
     }
     if (!rd.ok() || !rd.done()) {
-      return absl::InternalError(
-          absl::StrCat("hpc_ops: malformed request message from rank ", source));
+      return absl::InternalError(absl::StrCat(
+          "hpc_ops: malformed request message from rank ", source));
     }
     return absl::OkStatus();
   }
@@ -1442,8 +1453,9 @@ absl::Status Engine::HandleMessage(int source, int tag,
     last_response_ = Clock::now();
     return absl::OkStatus();
   }
-  return absl::InternalError(absl::StrCat(
-      "hpc_ops: unexpected control message (tag ", tag, ") from rank ", source));
+  return absl::InternalError(
+      absl::StrCat("hpc_ops: unexpected control message (tag ", tag,
+                   ") from rank ", source));
 }
 
 void Engine::Register(int rank, TensorMeta meta) {
@@ -1454,10 +1466,10 @@ void Engine::Register(int rank, TensorMeta meta) {
     e.first = Clock::now();
   }
   if (e.has[rank]) {
-    Break(absl::InternalError(absl::StrCat(
-              "hpc_ops: rank ", rank, " submitted ", DisplayKey(meta.key),
-              " twice")),
-          /*tell_others=*/true);
+    Break(
+        absl::InternalError(absl::StrCat("hpc_ops: rank ", rank, " submitted ",
+                                         DisplayKey(meta.key), " twice")),
+        /*tell_others=*/true);
     return;
   }
   e.has[rank] = true;
@@ -1471,21 +1483,22 @@ void Engine::Register(int rank, TensorMeta meta) {
 
 std::string Engine::Validate(const std::vector<TensorMeta>& metas) const {
   const TensorMeta& a = metas[0];
-  const std::string who = absl::StrCat(OpTypeName(a.op), ": tensor ",
-                                       DisplayKey(a.key));
+  const std::string who =
+      absl::StrCat(OpTypeName(a.op), ": tensor ", DisplayKey(a.key));
   for (int r = 1; r < size_; ++r) {
     const TensorMeta& b = metas[r];
     if (b.op != a.op) {
-      return absl::StrCat(who, " is an ", OpTypeName(a.op), " on rank 0 but an ",
-                          OpTypeName(b.op), " on rank ", r,
+      return absl::StrCat(who, " is an ", OpTypeName(a.op),
+                          " on rank 0 but an ", OpTypeName(b.op), " on rank ",
+                          r,
                           "; every process must issue the same collective "
                           "under one name");
     }
     if (b.dtype != a.dtype) {
-      return absl::StrCat(who, " has dtype ",
-                          tensorflow::DataTypeString(a.dtype), " on rank 0 but ",
-                          tensorflow::DataTypeString(b.dtype), " on rank ", r,
-                          "; every process must pass the same dtype");
+      return absl::StrCat(
+          who, " has dtype ", tensorflow::DataTypeString(a.dtype),
+          " on rank 0 but ", tensorflow::DataTypeString(b.dtype), " on rank ",
+          r, "; every process must pass the same dtype");
     }
     if (a.op == OpType::kAllreduce && b.reduce_op != a.reduce_op) {
       return absl::StrCat(who, " has reduce_op '", ReduceOpName(a.reduce_op),
@@ -1503,8 +1516,9 @@ std::string Engine::Validate(const std::vector<TensorMeta>& metas) const {
       }
       if (!same) {
         return absl::StrCat(who, " has shape ", ShapeString(a.shape),
-                            " on rank 0 but ", ShapeString(b.shape), " on rank ",
-                            r, "; all dimensions but the first must match");
+                            " on rank 0 but ", ShapeString(b.shape),
+                            " on rank ", r,
+                            "; all dimensions but the first must match");
       }
     } else if (b.shape != a.shape) {
       return absl::StrCat(who, " has shape ", ShapeString(a.shape),
@@ -1635,17 +1649,17 @@ absl::Status Engine::StartNext() {
     if (node.empty()) {
       // Put back what was taken so that Break() fails it.
       for (auto& q : reqs) pending_.emplace(q->key, std::move(q));
-      return absl::InternalError(absl::StrCat(
-          "hpc_ops: the coordinator scheduled ", DisplayKey(key),
-          " which rank ", rank_, " has not submitted"));
+      return absl::InternalError(
+          absl::StrCat("hpc_ops: the coordinator scheduled ", DisplayKey(key),
+                       " which rank ", rank_, " has not submitted"));
     }
     reqs.push_back(std::move(node.mapped()));
   }
   switch (r.op) {
     case OpType::kAllreduce:
       current_ = std::make_unique<AllreduceExecution>(
-          std::move(reqs), data_, rank_, size_, r.dtype, r.reduce_op,
-          &fusion_, &scratch_);
+          std::move(reqs), data_, rank_, size_, r.dtype, r.reduce_op, &fusion_,
+          &scratch_);
       break;
     case OpType::kBroadcast:
       current_ = std::make_unique<BroadcastExecution>(
@@ -1702,10 +1716,11 @@ void Engine::CheckDeadlines() {
       std::string who = (ranks.empty() || ranks[0] < 0)
                             ? std::string("the other processes")
                             : absl::StrCat("rank(s) ", RanksString(ranks));
-      Break(absl::DeadlineExceededError(absl::StrCat(
-                current_->Describe(), ": no data from ", who, " within ", limit,
-                " (rank ", rank_, " waited); a process may have died or "
-                "stopped")),
+      Break(absl::DeadlineExceededError(
+                absl::StrCat(current_->Describe(), ": no data from ", who,
+                             " within ", limit, " (rank ", rank_,
+                             " waited); a process may have died or "
+                             "stopped")),
             /*tell_others=*/true);
     }
     return;
@@ -1717,12 +1732,14 @@ void Engine::CheckDeadlines() {
       const auto since = std::max(e.first, last_progress_);
       if (Seconds(now - since) <= timeout) continue;
       std::vector<int> missing, present;
-      for (int r = 0; r < size_; ++r) (e.has[r] ? present : missing).push_back(r);
+      for (int r = 0; r < size_; ++r)
+        (e.has[r] ? present : missing).push_back(r);
       const TensorMeta& m = e.metas[present[0]];
       Break(absl::DeadlineExceededError(absl::StrCat(
                 OpTypeName(m.op), " ", DisplayKey(kv.first), ": rank(s) ",
                 RanksString(missing), " did not submit it within ", limit,
-                " (rank(s) ", RanksString(present), " did); a process may "
+                " (rank(s) ", RanksString(present),
+                " did); a process may "
                 "have died, stopped issuing collectives, or issued different "
                 "ones")),
             /*tell_others=*/true);
@@ -1802,9 +1819,9 @@ void Engine::Idle(bool progressed) {
     last_activity_ = now;
     return;
   }
-  const bool waiting = !is_broken_ && (current_ != nullptr ||
-                                       !exec_queue_.empty() ||
-                                       !pending_.empty() || !sends_.empty());
+  const bool waiting =
+      !is_broken_ && (current_ != nullptr || !exec_queue_.empty() ||
+                      !pending_.empty() || !sends_.empty());
   // Spin (yielding) for a while after the last progress: the next message,
   // or the next collective of a training step, usually comes within
   // microseconds, and waking a sleeping thread costs more than that.
@@ -1813,8 +1830,8 @@ void Engine::Idle(bool progressed) {
     return;
   }
   std::unique_lock<std::mutex> lock(mu_);
-  const auto wait = waiting ? Clock::duration(kWaitingPoll)
-                            : Clock::duration(kIdlePoll);
+  const auto wait =
+      waiting ? Clock::duration(kWaitingPoll) : Clock::duration(kIdlePoll);
   wake_.wait_for(lock, wait,
                  [this] { return !queue_.empty() || shutdown_requested_; });
 }
@@ -1828,8 +1845,9 @@ void Engine::Finalize() {
   }
   // Let the last control messages go out, within the timeout.
   const auto deadline =
-      Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                         std::chrono::duration<double>(config_.timeout_seconds));
+      Clock::now() +
+      std::chrono::duration_cast<Clock::duration>(
+          std::chrono::duration<double>(config_.timeout_seconds));
   while (!sends_.empty() && Clock::now() < deadline) {
     ProgressSends();
     std::this_thread::sleep_for(std::chrono::microseconds(100));

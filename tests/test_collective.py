@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -248,12 +249,16 @@ def test_settings_are_validated(fresh_python):
 
 def launch(np_, args, env=None, timeout=240, as_module=False):
   """Runs a worker on np_ processes; returns (returncode, output, seconds).
-  On timeout the whole process tree is killed and the test fails."""
+  On timeout the whole process tree is killed and the test fails; so it does
+  if any process of this launch outlives it."""
   if as_module:
     cmd = [sys.executable, "-m", "hpc_ops.run"]
   else:
     cmd = [sys.executable, hpc_run.__file__]
-  cmd += ["-np", str(np_)] + args
+  # A mark on this launch's command lines (the workers ignore it), to find
+  # its processes and no one else's.
+  token = "launch-%s" % uuid.uuid4().hex
+  cmd += ["-np", str(np_)] + args + ["--launch-id", token]
   full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
   t0 = time.time()
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
@@ -268,8 +273,17 @@ def launch(np_, args, env=None, timeout=240, as_module=False):
     except subprocess.TimeoutExpired:
       os.killpg(proc.pid, signal.SIGKILL)
       out, _ = proc.communicate()
-    pytest.fail("launch did not finish within %d s:\n%s" % (timeout, out[-8000:]))
-  return proc.returncode, out, time.time() - t0
+    pytest.fail("launch did not finish within %d s:\n%s"
+                % (timeout, out[-8000:]))
+  elapsed = time.time() - t0
+  left = leftover_processes(token)
+  for line in left:
+    try:
+      os.kill(int(line.split()[0]), signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  assert not left, "processes outlived the launch:\n%s" % "\n".join(left)
+  return proc.returncode, out, elapsed
 
 
 def leftover_processes(marker):
@@ -307,10 +321,8 @@ def checks_np2():
   if not HAVE_MPIRUN:
     pytest.skip("mpirun not found")
   worker = os.path.join(WORKERS, "checks.py")
-  result = launch(2, [worker, "--np", "2", "--training"], env=CHECK_ENV,
-                  as_module=True)
-  assert not leftover_processes(worker)
-  return result
+  return launch(2, [worker, "--np", "2", "--training"], env=CHECK_ENV,
+                as_module=True)
 
 
 @pytest.fixture(scope="module")
@@ -318,9 +330,7 @@ def checks_np4():
   if not HAVE_MPIRUN:
     pytest.skip("mpirun not found")
   worker = os.path.join(WORKERS, "checks.py")
-  result = launch(4, [worker, "--np", "4"], env=CHECK_ENV)
-  assert not leftover_processes(worker)
-  return result
+  return launch(4, [worker, "--np", "4"], env=CHECK_ENV)
 
 
 def assert_check(result, name, nprocs):
@@ -368,7 +378,6 @@ def test_dead_or_silent_rank_fails_the_others(mode, np_, victim):
   worker = os.path.join(WORKERS, "failures.py")
   rc, out, _ = launch(np_, [worker, mode, str(victim)], timeout=180,
                       env={"HPC_OPS_TIMEOUT_SECONDS": str(FAILURE_TIMEOUT)})
-  assert not leftover_processes(worker), out
   assert rc != 0, out
   assert out.count("FIRST rank=") == np_, out
   results = parse_results(out, "RESULT")

@@ -29,13 +29,14 @@ import tensorflow as tf
 __all__ = [
     "init", "shutdown", "rank", "size", "local_rank", "allreduce",
     "broadcast", "allgather", "broadcast_variables", "DistributedGradientTape",
-    "DistributedOptimizer", "BroadcastGlobalVariablesCallback",
+    "DistributedOptimizer",
+    "BroadcastGlobalVariablesCallback",  # noqa: F822 (module __getattr__)
 ]
 
 
 def _ops():
   """hpc_ops.collective, imported on first use (ImportError without MPI)."""
-  from hpc_ops import collective  # pylint: disable=import-outside-toplevel
+  from hpc_ops import collective
   return collective
 
 
@@ -164,7 +165,7 @@ def _allreduce_gradients(grads, op, sparse_as_dense):
   else:
     reduced = [_reduce_one(v, op, sparse_as_dense) for v in values]
   out = list(grads)
-  for i, r in zip(index, reduced):
+  for i, r in zip(index, reduced, strict=True):
     out[i] = r
   return out
 
@@ -214,7 +215,8 @@ class DistributedGradientTape:
 _distributed_classes = {}
 
 
-def DistributedOptimizer(optimizer, op="average", sparse_as_dense=False):  # pylint: disable=invalid-name
+def DistributedOptimizer(optimizer, op="average",  # noqa: N802 (Horovod name)
+                         sparse_as_dense=False):
   """Makes a Keras 3 optimizer combine gradients across processes before it
   applies them (in `apply`, which `apply_gradients` and `model.fit` use).
 
@@ -224,7 +226,7 @@ def DistributedOptimizer(optimizer, op="average", sparse_as_dense=False):  # pyl
   bit-identical averaged gradients, so the weights stay identical. Compile
   the model with jit_compile=False: XLA cannot compile the MPI ops.
   """
-  import keras  # pylint: disable=import-outside-toplevel
+  import keras
   if not isinstance(optimizer, keras.optimizers.Optimizer):
     raise TypeError("hpc_ops: DistributedOptimizer needs a keras.optimizers."
                     "Optimizer, got %r" % (optimizer,))
@@ -248,13 +250,13 @@ def DistributedOptimizer(optimizer, op="average", sparse_as_dense=False):  # pyl
           "__doc__": base.__doc__,
       })
     optimizer.__class__ = _distributed_classes[base]
-  optimizer._hpc_ops_op = op  # pylint: disable=protected-access
-  optimizer._hpc_ops_sparse_as_dense = sparse_as_dense  # pylint: disable=protected-access
+  optimizer._hpc_ops_op = op
+  optimizer._hpc_ops_sparse_as_dense = sparse_as_dense
   return optimizer
 
 
 def _make_callback_class():
-  import keras  # pylint: disable=import-outside-toplevel
+  import keras
 
   class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
     """At the start of training, copies the `root_rank` process's model

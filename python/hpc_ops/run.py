@@ -28,7 +28,7 @@ failing process's (128 + N for signal N), with one line per failed process.
 The plain form works too; mpirun then stops the whole job when one process
 fails or dies (the others are killed rather than reporting themselves):
 
-    mpirun -np 4 --oversubscribe python train.py     # as root: add --allow-run-as-root
+    mpirun -np 4 --oversubscribe python train.py   # + --allow-run-as-root
 
 This file uses only the standard library (no TensorFlow import), so it also
 runs as a script: python path/to/hpc_ops/run.py -np 2 script.py.

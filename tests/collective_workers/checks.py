@@ -67,10 +67,11 @@ def check_allreduce_eager(dtype):
   for op in OPS:
     for shape in SHAPES:
       x = rank_tensor(R, dtype, shape, op)
-      y = hd.allreduce(x, op=op, name="eager.%s.%s.%s" % (dtype.name, op, shape))
+      tag = "%s.%s.%s" % (dtype.name, op, shape)
+      y = hd.allreduce(x, op=op, name="eager." + tag)
       assert y.dtype == dtype and y.shape == x.shape
       np.testing.assert_array_equal(as_f64(y), reference(dtype, shape, op),
-                                    err_msg="%s %s %s" % (dtype.name, op, shape))
+                                    err_msg=tag)
 
 
 def check_allreduce_function(dtype):
@@ -80,10 +81,10 @@ def check_allreduce_function(dtype):
 
   @tf.function
   def f(xs):
-    return [coll.allreduce(x, op) for x, (op, _) in zip(xs, cases)]
+    return [coll.allreduce(x, op) for x, (op, _) in zip(xs, cases, strict=True)]
 
   ys = f([rank_tensor(R, dtype, shape, op, salt=1) for op, shape in cases])
-  for y, (op, shape) in zip(ys, cases):
+  for y, (op, shape) in zip(ys, cases, strict=True):
     np.testing.assert_array_equal(as_f64(y), reference(dtype, shape, op, 1),
                                   err_msg="%s %s %s" % (dtype.name, op, shape))
 
@@ -140,7 +141,8 @@ def check_allgather():
                        ("rows", (0,))]:
       def part(r):
         return rank_tensor(r, dtype, (gather_rows(r, kind),) + tail, "sum", 4)
-      y = hd.allgather(part(R), name="gather.%s.%s.%s" % (dtype.name, kind, tail))
+      y = hd.allgather(part(R),
+                       name="gather.%s.%s.%s" % (dtype.name, kind, tail))
       expect = np.concatenate([as_f64(part(r)) for r in range(P)])
       assert y.shape == expect.shape, (y.shape, expect.shape)
       np.testing.assert_array_equal(as_f64(y), expect)
@@ -175,7 +177,7 @@ def check_out_of_order():
             coll.allreduce(b, "max", name="ooo_b"))
 
   ya, yb = f(tf.fill([4], float(R)), tf.fill([3], float(R) * 10))
-  np.testing.assert_array_equal(ya.numpy(), np.full(4, sum(range(P)), np.float32))
+  np.testing.assert_array_equal(ya.numpy(), np.full(4, sum(range(P))))
   np.testing.assert_array_equal(yb.numpy(), np.full(3, 10.0 * (P - 1)))
 
 
@@ -208,7 +210,8 @@ def check_mismatch_errors():
   F = tf.errors.FailedPreconditionError
   other = "on rank 1"  # the first rank that disagrees with rank 0
   expect_error(lambda: hd.allreduce(tf.ones([2 + (R > 0)]), name="mm.shape"),
-               F, "HpcAllreduce", "'mm.shape'", "[2] on rank 0 but [3] " + other)
+               F, "HpcAllreduce", "'mm.shape'",
+               "[2] on rank 0 but [3] " + other)
   expect_error(
       lambda: hd.allreduce(tf.ones([2], tf.float32 if R == 0 else tf.float64),
                            name="mm.dtype"),
@@ -276,8 +279,8 @@ def fd_check(tag, fn, x, w):
   def graph_grad(v):
     with tf.GradientTape() as t:
       t.watch(v)
-      l = tf.reduce_sum(tf.constant(w) * fn(v))
-    return t.gradient(l, v)
+      value = tf.reduce_sum(tf.constant(w) * fn(v))
+    return t.gradient(value, v)
 
   np.testing.assert_allclose(graph_grad(xt).numpy(), analytic, rtol=1e-12,
                              atol=1e-12)

@@ -6,7 +6,7 @@ import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
+import numpy as np  # noqa: E402,F401  (re-exported to the workers)
 import tensorflow as tf  # noqa: E402
 
 import hpc_ops.distributed as hd  # noqa: E402

@@ -3,7 +3,7 @@ HPC_OPS_TIMEOUT_SECONDS: one rank dies or stops issuing collectives, and
 the others must fail with a clear error within the timeout, never hang.
 
     failures.py kill RANK    RANK SIGKILLs itself after a first allreduce
-    failures.py stop RANK    RANK sleeps (2 x the timeout + 1 s), then tries again
+    failures.py stop RANK    RANK sleeps (2 x timeout + 1 s), then tries again
 
 Each surviving rank prints `RESULT rank=<r> error=<type> elapsed=<s> ...`
 and exits with status 3.
