@@ -64,6 +64,16 @@ def raw_call(op, inputs, attrs, num_outputs):
                          context.context())
 
 
+def load_families():
+  """{family: [op names]} from tests/fuzz/spec_<family>.py."""
+  families = {}
+  for path in sorted(glob.glob(os.path.join(HERE, "spec_*.py"))):
+    name = os.path.basename(path)[:-3]
+    families[name[len("spec_"):]] = [s.op for s in
+                                     importlib.import_module(name).SPECS]
+  return families
+
+
 def load_specs():
   specs = {}
   for path in sorted(glob.glob(os.path.join(HERE, "spec_*.py"))):
