@@ -346,9 +346,10 @@ class SparseTableImportOp : public OpKernel {
 
     // Build the new shards.
     const int S = table->num_shards();
+    sparse_table::CallScratch scratch;
+    OP_REQUIRES_OK(ctx, scratch.Reserve(ctx, sparse_table::GroupScratchBytes(n)));
     KeyGroups g;
-    OP_REQUIRES_OK(ctx, sparse_table::GroupKeysByShard(ctx, *table, keys.flat<int64_t>().data(),
-                                                       n, &g));
+    sparse_table::GroupKeysByShard(ctx, *table, keys.flat<int64_t>().data(), n, &scratch, &g);
     std::vector<std::unique_ptr<Shard>> fresh(S);
     std::vector<Status> status(S);
     const float* v_in = values.flat<float>().data();

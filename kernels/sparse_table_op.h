@@ -301,8 +301,9 @@ class SparseTable : public tensorflow::ResourceBase {
     return reinterpret_cast<uint32_t*>(row + 8);
   }
 
-  // Appends a zeroed row holding only `key` (absent) to shard `sh` and
-  // indexes it. Requires the shard's writer lock. Returns the row, or
+  // Appends a row for `key` (absent) to shard `sh` and indexes it: the key
+  // and zero counters are written, the values and slots are left to the
+  // caller. Requires the shard's writer lock. Returns the row, or
   // nullptr with *status set when the shard is out of memory or rows.
   char* AppendRow(Shard& sh, uint64_t hash, int64_t key,
                   absl::Status* status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sh.mu);
@@ -341,6 +342,35 @@ class AllShardsLock {
   bool exclusive_;
 };
 
+// Memory for the temporaries of one kernel call, handed out in 64-byte
+// aligned pieces. Up to kReusedBytes it is a buffer of the calling thread,
+// reused by that thread's next call: TF's default CPU allocator hands out
+// fresh pages for every large temporary (a page fault per 4 KiB). Larger
+// requests get a temporary tensor. A thread runs one kernel call at a time
+// (it blocks in ParallelFor until the work is done), so its buffer is never
+// shared by two calls.
+class CallScratch {
+ public:
+  static constexpr size_t kReusedBytes = size_t{64} << 20;
+  static size_t Round(size_t bytes) { return (bytes + 63) & ~size_t{63}; }
+
+  // Makes `bytes` (the sum of the Round()ed pieces) available.
+  absl::Status Reserve(tensorflow::OpKernelContext* ctx, size_t bytes);
+
+  // The next `count` elements of T (uninitialised).
+  template <typename T>
+  T* Take(size_t count) {
+    T* p = reinterpret_cast<T*>(base_ + used_);
+    used_ += Round(count * sizeof(T));
+    return p;
+  }
+
+ private:
+  char* base_ = nullptr;
+  size_t used_ = 0;
+  tensorflow::Tensor temp_;
+};
+
 // A batch's keys grouped by shard: entries[begin[s], begin[s+1]) are the
 // keys of shard s with their batch positions, in batch order.
 struct GroupedKey {
@@ -350,14 +380,19 @@ struct GroupedKey {
 struct KeyGroups {
   std::vector<int64_t> begin;  // num_shards + 1 offsets
   GroupedKey* entries = nullptr;
-  tensorflow::Tensor storage;  // owns `entries`
 };
+
+// Scratch bytes GroupKeysByShard takes for n keys.
+inline size_t GroupScratchBytes(int64_t n) {
+  return CallScratch::Round(n * sizeof(GroupedKey)) +
+         CallScratch::Round(n * sizeof(uint16_t));
+}
 
 // One pass over the keys (split across the CPU pool for large batches):
 // a counting sort by ShardOf(KeyHash(key)); no per-key allocation.
-absl::Status GroupKeysByShard(tensorflow::OpKernelContext* ctx,
-                                    const SparseTable& table, const int64_t* keys,
-                                    int64_t n, KeyGroups* groups);
+void GroupKeysByShard(tensorflow::OpKernelContext* ctx, const SparseTable& table,
+                      const int64_t* keys, int64_t n, CallScratch* scratch,
+                      KeyGroups* groups);
 
 }  // namespace sparse_table
 

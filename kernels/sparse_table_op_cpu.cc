@@ -209,23 +209,35 @@ void InitialValues(const TableConfig& c, int64_t key, float* out) {
     return;
   }
   // Truncated normal (|z| <= 2, like tf.random.truncated_normal): Box-Muller
-  // on counters (column, attempt), redrawing outside two standard
-  // deviations (4.6 % of draws). 64 failed attempts (p < 1e-85) give 0.
+  // on counters (column pair, attempt). Attempt a of pair p gives two
+  // independent normals, r cos(t) for column 2p and r sin(t) for column
+  // 2p+1; each column takes the first of its values within two standard
+  // deviations (95.4 % of draws). 64 failed attempts (p < 1e-85) give 0.
   constexpr int kAttempts = 64;
   constexpr double kTwoPi = 6.283185307179586476925286766559;
-  for (int64_t j = 0; j < d; ++j) {
-    float v = 0.0f;
-    for (int a = 0; a < kAttempts; ++a) {
-      const uint64_t ctr = (static_cast<uint64_t>(j) * kAttempts + a) * 2;
+  for (int64_t c0 = 0; c0 < d; c0 += 2) {
+    const bool has_pair = c0 + 1 < d;
+    bool done0 = false, done1 = !has_pair;
+    float v0 = 0.0f, v1 = 0.0f;
+    for (int a = 0; a < kAttempts && !(done0 && done1); ++a) {
+      const uint64_t ctr = (static_cast<uint64_t>(c0 / 2) * kAttempts + a) * 2;
       const double u1 = (static_cast<double>(word(ctr) >> 11) + 1.0) * 0x1.0p-53;
       const double u2 = static_cast<double>(word(ctr + 1) >> 11) * 0x1.0p-53;
-      const double z = std::sqrt(-2.0 * std::log(u1)) * std::cos(kTwoPi * u2);
-      if (std::fabs(z) <= 2.0) {
-        v = static_cast<float>(z * c.init_scale);
-        break;
+      const double r = std::sqrt(-2.0 * std::log(u1));
+      double sin_t, cos_t;
+      sincos(kTwoPi * u2, &sin_t, &cos_t);
+      const double z0 = r * cos_t, z1 = r * sin_t;
+      if (!done0 && std::fabs(z0) <= 2.0) {
+        v0 = static_cast<float>(z0 * c.init_scale);
+        done0 = true;
+      }
+      if (!done1 && std::fabs(z1) <= 2.0) {
+        v1 = static_cast<float>(z1 * c.init_scale);
+        done1 = true;
       }
     }
-    out[j] = v;
+    out[c0] = v0;
+    if (has_pair) out[c0 + 1] = v1;
   }
 }
 
@@ -284,8 +296,13 @@ char* SparseTable::AppendRow(Shard& sh, uint64_t hash, int64_t key, Status* stat
   }
   sh.index.Insert(hash, static_cast<uint32_t>(r));
   char* row = sh.arena.Row(r);
-  std::memset(row, 0, config_.row_bytes());
   std::memcpy(row, &key, sizeof(key));
+  // Zero the counters (and their padding) and the row's tail padding; the
+  // caller writes the values and slots.
+  const int64_t header = config_.header_bytes();
+  std::memset(row + sizeof(key), 0, header - sizeof(key));
+  const int64_t end = header + (1 + config_.num_slots()) * config_.dim * 4;
+  std::memset(row + end, 0, config_.row_bytes() - end);
   return row;
 }
 
@@ -296,13 +313,20 @@ char* SparseTable::InsertRow(Shard& sh, uint64_t hash, int64_t key, int64_t step
   float* w = Values(row);
   InitialValues(config_, key, w);
   const int64_t d = config_.dim;
+  float* slots = w + d;
   switch (config_.optimizer) {
     case OptimizerKind::kAdagrad:
-    case OptimizerKind::kFtrl:  // accumulator; ftrl's linear slot stays 0
-      std::fill(w + d, w + 2 * d, config_.initial_accumulator_value);
+      std::fill(slots, slots + d, config_.initial_accumulator_value);
       break;
-    default:
-      break;  // sgd: no slots; adam: m = v = 0 and step 0
+    case OptimizerKind::kFtrl:  // accumulator, linear = 0
+      std::fill(slots, slots + d, config_.initial_accumulator_value);
+      std::fill(slots + d, slots + 2 * d, 0.0f);
+      break;
+    case OptimizerKind::kAdam:  // m = v = 0 (the step counter is 0)
+      std::fill(slots, slots + 2 * d, 0.0f);
+      break;
+    case OptimizerKind::kSgd:
+      break;
   }
   if (config_.track_usage) {
     Counters(row)[config_.last_step_counter()] = StepCounter(step);
@@ -340,19 +364,46 @@ AllShardsLock::~AllShardsLock() {
 // ---------------------------------------------------------------------------
 // Grouping by shard
 
-Status GroupKeysByShard(OpKernelContext* ctx, const SparseTable& table,
-                        const int64_t* keys, int64_t n, KeyGroups* g) {
+absl::Status CallScratch::Reserve(OpKernelContext* ctx, size_t bytes) {
+  used_ = 0;
+  if (bytes > kReusedBytes) {
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(
+        tensorflow::DT_INT8, tensorflow::TensorShape({static_cast<int64_t>(bytes) + 64}),
+        &temp_));
+    base_ = reinterpret_cast<char*>(
+        (reinterpret_cast<uintptr_t>(temp_.flat<int8_t>().data()) + 63) & ~uintptr_t{63});
+    return Status();
+  }
+  struct ThreadBuffer {
+    char* data = nullptr;
+    size_t size = 0;
+    ~ThreadBuffer() { tensorflow::port::AlignedFree(data); }
+  };
+  thread_local ThreadBuffer buffer;
+  if (buffer.size < bytes) {
+    const size_t grown = std::min(kReusedBytes, std::max(bytes, 2 * buffer.size));
+    void* p = tensorflow::port::AlignedMalloc(grown, std::align_val_t{64});
+    if (p == nullptr) {
+      return errors::ResourceExhausted("SparseTable: out of memory for ", grown,
+                                       " bytes of scratch");
+    }
+    tensorflow::port::AlignedFree(buffer.data);
+    buffer.data = static_cast<char*>(p);
+    buffer.size = grown;
+  }
+  base_ = buffer.data;
+  return Status();
+}
+
+void GroupKeysByShard(OpKernelContext* ctx, const SparseTable& table,
+                      const int64_t* keys, int64_t n, CallScratch* scratch,
+                      KeyGroups* g) {
   const int S = table.num_shards();
   const int bits = table.shard_bits();
   g->begin.assign(S + 1, 0);
-  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_INT64,
-                                        tensorflow::TensorShape({2 * n}), &g->storage));
-  g->entries = reinterpret_cast<GroupedKey*>(g->storage.flat<int64_t>().data());
-  if (n == 0) return Status();
-  tensorflow::Tensor shard_of_t;
-  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_UINT16,
-                                        tensorflow::TensorShape({n}), &shard_of_t));
-  uint16_t* shard_of = shard_of_t.flat<uint16_t>().data();
+  g->entries = scratch->Take<GroupedKey>(n);
+  uint16_t* shard_of = scratch->Take<uint16_t>(n);
+  if (n == 0) return;
 
   // Blocks of at least 16k keys, at most one per thread: counts per
   // (block, shard), then each block scatters into its own ranges, which
@@ -388,7 +439,6 @@ Status GroupKeysByShard(OpKernelContext* ctx, const SparseTable& table,
       e.pos = i;
     }
   });
-  return Status();
 }
 
 }  // namespace sparse_table
@@ -511,7 +561,7 @@ Status PullShard(const SparseTable& t, Shard& sh, GroupedKey* e, int64_t k,
     float* dst = out + e[i].pos * dim;
     int64_t r = sh.index.Find(h, key, sh.arena);
     if (r >= 0) {  // inserted meanwhile, or earlier in this batch
-      std::memcpy(dst, sh.arena.Row(r) + value_offset, row_value_bytes);
+      CopyFloats(dst, reinterpret_cast<const float*>(sh.arena.Row(r) + value_offset), dim);
       continue;
     }
     if (admission) {
@@ -524,7 +574,7 @@ Status PullShard(const SparseTable& t, Shard& sh, GroupedKey* e, int64_t k,
     Status s;
     char* row = table.InsertRow(sh, h, key, step, &s);
     if (row == nullptr) return s;
-    std::memcpy(dst, row + value_offset, row_value_bytes);
+    CopyFloats(dst, reinterpret_cast<const float*>(row + value_offset), dim);
   }
   return Status();
 }
@@ -553,8 +603,10 @@ Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
                                               const int64_t* keys, int64_t n,
                                               bool insert_missing, float* values) {
   if (n == 0) return Status();
+  sparse_table::CallScratch scratch;
+  TF_RETURN_IF_ERROR(scratch.Reserve(ctx, sparse_table::GroupScratchBytes(n)));
   KeyGroups g;
-  TF_RETURN_IF_ERROR(GroupKeysByShard(ctx, *table, keys, n, &g));
+  GroupKeysByShard(ctx, *table, keys, n, &scratch, &g);
   const int64_t step = table->step();
   return ForEachShard(ctx, g, table->num_shards(), 200 + 2 * table->dim(), [&](int s) {
     return PullShard(*table, table->shard(s), g.entries + g.begin[s],
@@ -701,10 +753,19 @@ Status SparseTablePush<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
   const int64_t step = table->Tick();
   *step_out = step;
   if (n == 0) return Status();
-  KeyGroups g;
-  TF_RETURN_IF_ERROR(GroupKeysByShard(ctx, *table, keys, n, &g));
   const int S = table->num_shards();
   const int64_t dim = table->dim();
+  // Per-shard dedup tables (powers of two >= 2 * keys of the shard) fit in
+  // 4 n + 16 S slots; the shard sizes are known only after grouping.
+  using sparse_table::CallScratch;
+  const size_t dedup_bound = 4 * static_cast<size_t>(n) + 16 * S;
+  sparse_table::CallScratch scratch;
+  TF_RETURN_IF_ERROR(scratch.Reserve(
+      ctx, sparse_table::GroupScratchBytes(n) + CallScratch::Round(n * sizeof(UniqueRow)) +
+               CallScratch::Round(n * dim * sizeof(float)) +
+               CallScratch::Round(dedup_bound * sizeof(uint64_t))));
+  KeyGroups g;
+  GroupKeysByShard(ctx, *table, keys, n, &scratch, &g);
 
   PushScratch sc;
   sc.dedup_begin.assign(S + 1, 0);
@@ -712,19 +773,9 @@ Status SparseTablePush<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
     const int64_t k = g.begin[s + 1] - g.begin[s];
     sc.dedup_begin[s + 1] = sc.dedup_begin[s] + (k == 0 ? 0 : DedupSize(k));
   }
-  static_assert(sizeof(UniqueRow) % sizeof(int64_t) == 0, "UniqueRow packing");
-  tensorflow::Tensor uniques_t, acc_t, dedup_t;
-  TF_RETURN_IF_ERROR(ctx->allocate_temp(
-      tensorflow::DT_INT64,
-      tensorflow::TensorShape({n * static_cast<int64_t>(sizeof(UniqueRow) / sizeof(int64_t))}),
-      &uniques_t));
-  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT,
-                                        tensorflow::TensorShape({n * dim}), &acc_t));
-  TF_RETURN_IF_ERROR(ctx->allocate_temp(
-      tensorflow::DT_INT64, tensorflow::TensorShape({sc.dedup_begin[S]}), &dedup_t));
-  sc.uniques = reinterpret_cast<UniqueRow*>(uniques_t.flat<int64_t>().data());
-  sc.acc = acc_t.flat<float>().data();
-  sc.dedup = reinterpret_cast<uint64_t*>(dedup_t.flat<int64_t>().data());
+  sc.uniques = scratch.Take<UniqueRow>(n);
+  sc.acc = scratch.Take<float>(n * dim);  // only repeated keys' rows are touched
+  sc.dedup = scratch.Take<uint64_t>(sc.dedup_begin[S]);
 
   using sparse_table::OptimizerKind;
   switch (table->config().optimizer) {
