@@ -351,7 +351,7 @@ class AllShardsLock {
 // shared by two calls.
 class CallScratch {
  public:
-  static constexpr size_t kReusedBytes = size_t{64} << 20;
+  static constexpr size_t kReusedBytes = size_t{32} << 20;
   static size_t Round(size_t bytes) { return (bytes + 63) & ~size_t{63}; }
 
   // Makes `bytes` (the sum of the Round()ed pieces) available.
