@@ -4,7 +4,9 @@
   against a float64 numpy reference;
 - allreduces issued concurrently from several Python threads per process
   under mpirun -np 2, every result checked exactly
-  (tests/stress_workers/concurrent_allreduce.py).
+  (tests/stress_workers/concurrent_allreduce.py);
+- one sparse table pushed, pulled, exported and evicted from several threads
+  at once, with an exact final value (tests/stress_workers/table_all_ops.py).
 """
 import os
 import shutil
@@ -156,3 +158,27 @@ def test_concurrent_allreduces_from_threads_on_two_processes():
   for r in range(2):
     assert "STRESS rank=%d PASS 180 results" % r in out, out[-8000:]
   assert proc.returncode == 0, out[-8000:]
+
+
+# ---------------------------------------------------------------------------
+# Sparse table: every locking op at once. (Many threads pushing and pulling
+# the same hot keys with an exact final value is
+# tests/test_sparse_table.py::test_concurrent_pushes_lose_nothing_and_pulls_never_tear.)
+
+
+def test_sparse_table_push_pull_export_evict_at_once_never_deadlock():
+  # An export holds every shard's lock; pushes and evictions lock shards
+  # from CPU-pool tasks. A kernel that waited for the pool while holding a
+  # shard lock would deadlock here, so the job runs in a subprocess with a
+  # deadline.
+  worker = os.path.join(STRESS_WORKERS, "table_all_ops.py")
+  try:
+    proc = subprocess.run([sys.executable, worker], capture_output=True,
+                          text=True, timeout=240,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  except subprocess.TimeoutExpired as e:
+    out = e.stdout.decode(errors="replace") if e.stdout else ""
+    pytest.fail("the table stress job did not finish in 240 s (deadlock?):\n"
+                + out[-4000:])
+  assert "TABLE PASS 36" in proc.stdout, proc.stdout + proc.stderr[-4000:]
+  assert proc.returncode == 0, proc.stderr[-4000:]
