@@ -19,9 +19,9 @@ seconds per batch -> keys/s.
   mod                   row = id % 2^20 (collisions allowed), the dense-array
                         speed bound; +v1 Adagrad likewise
 
-Bytes per key: growth of the process's resident memory while a table takes
-every distinct key of the workload, divided by the key count, next to the
-raw size key + row + slots (8 + 4*D*(1+slots) bytes).
+Bytes per key: growth of the process's resident memory while an Adagrad
+table takes the workload's distinct keys (topped up to 2e6 keys), divided by
+the key count, next to the raw size key + row + slot (8 + 4*D*2 bytes).
 
   python benchmarks/bench_sparse_table.py            # N 1e6 and 1e7, D 8/16/64
   python benchmarks/bench_sparse_table.py --quick    # N 1e6, D 16, 8 batches
@@ -137,20 +137,27 @@ def bench_peer(method, batches, uniq, dim, lr=0.01):
   return res
 
 
-def bytes_per_key(uniq, dim):
-  """RSS growth per key while a table takes every key (in 65,536-key
-  batches), and the raw key+row+slots size (Adagrad: one slot)."""
-  gc.collect()
-  keys = [tf.constant(c) for c in np.array_split(uniq, max(1, len(uniq) // 65536))]
-  before = rss_bytes()
+def bytes_per_key(uniq, dim, min_keys=2_000_000):
+  """RSS growth per key while a table takes the workload's distinct keys,
+  topped up with other keys to at least `min_keys` (so that the few MB the
+  process allocates anyway do not count), in 65,536-key batches; and the raw
+  key+row+slots size (Adagrad: one slot)."""
+  keys = uniq
+  if len(keys) < min_keys:
+    extra = np.arange(min_keys - len(keys), dtype=np.int64) * 7919 + (1 << 62)
+    keys = np.concatenate([keys, extra])
+  batches = [tf.constant(c) for c in np.array_split(keys, max(1, len(keys) // 65536))]
   table = hpc_ops.SparseTable(dim, optimizer="adagrad")
-  for k in keys:
+  table.pull(batches[0][:10])  # per-thread scratch and kernels exist before
+  gc.collect()
+  before = rss_bytes()
+  for k in batches:
     table.pull(k)
   grown = rss_bytes() - before
-  assert int(table.size()) == len(uniq)
+  assert int(table.size()) == len(keys)
   del table
   gc.collect()
-  return grown / len(uniq), 8 + 4 * dim * 2
+  return len(keys), grown / len(keys), 8 + 4 * dim * 2
 
 
 def main():
@@ -164,8 +171,9 @@ def main():
   if args.quick:
     args.N, args.dims, args.nbatches = [1_000_000], [16], 8
   alloc = bench_util.allocator_name()
-  print("tf %s, %d CPUs, allocator %s, %s" % (
-      tf.__version__, os.cpu_count(), alloc, time.strftime("%Y-%m-%d")))
+  print("tf %s, %d CPUs, allocator %s, %s, load average %.1f" % (
+      tf.__version__, os.cpu_count(), alloc, time.strftime("%Y-%m-%d %H:%M"),
+      os.getloadavg()[0]))
   rows, mem_rows = [], []
   for N in args.N:
     keys_np = bench_util.zipf_batches(N, nbatches=args.nbatches)
@@ -188,8 +196,8 @@ def main():
               "%.2fx" % (base / sec) if base else "-",
               "%.2fx" % (bound / sec) if bound else "-"])
       if alloc == "default":  # table memory does not use TF's allocator
-        per_key, raw = bytes_per_key(uniq, D)
-        mem_rows.append(["%.0e" % N, D, len(uniq), "%.0f" % per_key, raw,
+        nkeys, per_key, raw = bytes_per_key(uniq, D)
+        mem_rows.append(["%.0e" % N, D, nkeys, "%.0f" % per_key, raw,
                          "%.2fx" % (per_key / raw)])
       print("done N=%.0e D=%d" % (N, D), file=sys.stderr, flush=True)
   bench_util.print_table(
@@ -197,6 +205,7 @@ def main():
       "ratios: time of MHT / mod over ours, > 1 means ours is faster)" % alloc,
       ["N ids", "D", "impl", "op", "median/batch", "Mkeys/s", "vs MHT", "vs mod"],
       rows)
+  print("load average at the end: %.1f" % os.getloadavg()[0])
   if mem_rows:
     bench_util.print_table(
         "Memory per key (hpc_ops table, Adagrad, RSS growth)",

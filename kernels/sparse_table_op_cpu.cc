@@ -579,19 +579,43 @@ Status PullShard(const SparseTable& t, Shard& sh, GroupedKey* e, int64_t k,
   return Status();
 }
 
-// Runs fn(shard) for every shard with keys, in parallel, one task per shard;
-// returns the first error in shard order.
+// Runs fn(shard) for every shard with keys, in parallel, and returns the
+// first error in shard order. Each shard is handled by one task (so no two
+// threads of one op contend for a shard lock). Shard sizes are very uneven
+// under skewed keys (the shard of the hottest id can hold a tenth of a
+// batch), so the shards are dealt largest first to the least loaded of
+// 2 x threads tasks.
 template <typename Fn>
 Status ForEachShard(OpKernelContext* ctx, const KeyGroups& g, int num_shards,
                     int64_t cost_per_key, Fn fn) {
   std::vector<Status> status(num_shards);
   const int64_t n = g.begin[num_shards];
-  const int64_t cost_per_shard = std::max<int64_t>(1, n / num_shards) * cost_per_key;
-  CpuParallelFor(ctx, num_shards, cost_per_shard, [&](int64_t b, int64_t e) {
-    for (int64_t s = b; s < e; ++s) {
-      if (g.begin[s + 1] > g.begin[s]) status[s] = fn(static_cast<int>(s));
+  std::vector<int> order;
+  order.reserve(num_shards);
+  for (int s = 0; s < num_shards; ++s) {
+    if (g.begin[s + 1] > g.begin[s]) order.push_back(s);
+  }
+  auto size = [&](int s) { return g.begin[s + 1] - g.begin[s]; };
+  const int tasks = static_cast<int>(std::min<int64_t>(
+      std::min<int64_t>(2 * CpuNumThreads(ctx), static_cast<int64_t>(order.size())),
+      std::max<int64_t>(1, n * cost_per_key / 50000)));  // >= ~20 us of work each
+  if (tasks <= 1) {
+    for (int s : order) status[s] = fn(s);
+  } else {
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return size(a) > size(b); });
+    std::vector<std::vector<int>> task_shards(tasks);
+    std::vector<int64_t> load(tasks, 0);
+    for (int s : order) {
+      const int t = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
+      task_shards[t].push_back(s);
+      load[t] += size(s);
     }
-  });
+    CpuForEachShard(ctx, tasks, tasks, [&](int, int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        for (int s : task_shards[t]) status[s] = fn(s);
+      }
+    });
+  }
   for (const Status& s : status) TF_RETURN_IF_ERROR(s);
   return Status();
 }
