@@ -19,17 +19,18 @@ seconds per batch -> keys/s.
   mod                   row = id % 2^20 (collisions allowed), the dense-array
                         speed bound; +v1 Adagrad likewise
 
-Bytes per key: growth of the process's resident memory while an Adagrad
-table takes the workload's distinct keys (topped up to 2e6 keys), divided by
-the key count, next to the raw size key + row + slot (8 + 4*D*2 bytes).
+Bytes per key: growth of a fresh process's resident memory while an Adagrad
+table takes 2e6 distinct keys, divided by the key count, next to the raw size
+key + row + slot (8 + 4*D*2 bytes).
 
   python benchmarks/bench_sparse_table.py            # N 1e6 and 1e7, D 8/16/64
   python benchmarks/bench_sparse_table.py --quick    # N 1e6, D 16, 8 batches
 """
 import argparse
-import gc
 import os
+import subprocess
 import sys
+import textwrap
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -137,27 +138,29 @@ def bench_peer(method, batches, uniq, dim, lr=0.01):
   return res
 
 
-def bytes_per_key(uniq, dim, min_keys=2_000_000):
-  """RSS growth per key while a table takes the workload's distinct keys,
-  topped up with other keys to at least `min_keys` (so that the few MB the
-  process allocates anyway do not count), in 65,536-key batches; and the raw
-  key+row+slots size (Adagrad: one slot)."""
-  keys = uniq
-  if len(keys) < min_keys:
-    extra = np.arange(min_keys - len(keys), dtype=np.int64) * 7919 + (1 << 62)
-    keys = np.concatenate([keys, extra])
-  batches = [tf.constant(c) for c in np.array_split(keys, max(1, len(keys) // 65536))]
-  table = hpc_ops.SparseTable(dim, optimizer="adagrad")
-  table.pull(batches[0][:10])  # per-thread scratch and kernels exist before
-  gc.collect()
-  before = rss_bytes()
-  for k in batches:
-    table.pull(k)
-  grown = rss_bytes() - before
-  assert int(table.size()) == len(keys)
-  del table
-  gc.collect()
-  return len(keys), grown / len(keys), 8 + 4 * dim * 2
+def bytes_per_key(dim, num_keys=2_000_000):
+  """Resident-memory growth per key while a fresh process's Adagrad table
+  takes `num_keys` distinct keys in 65,536-key batches (a child process, so
+  memory freed by earlier tables cannot be reused); and the raw
+  key + row + slot size, 8 + 4 * dim * 2 bytes."""
+  code = textwrap.dedent("""
+      import os, numpy as np, tensorflow as tf, hpc_ops
+      def rss():
+        with open("/proc/self/statm") as f:
+          return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+      keys = np.arange(%d, dtype=np.int64) * 0x9E3779B97F4A7C1
+      batches = [tf.constant(c) for c in np.array_split(keys, len(keys) // 65536)]
+      table = hpc_ops.SparseTable(%d, optimizer="adagrad")
+      table.pull(batches[0][:10])  # kernels and scratch exist before
+      before = rss()
+      for b in batches:
+        table.pull(b)
+      assert int(table.size()) == len(keys)
+      print((rss() - before) / len(keys))
+  """ % (num_keys, dim))
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  return float(out.stdout.strip().splitlines()[-1]), 8 + 4 * dim * 2
 
 
 def main():
@@ -195,11 +198,11 @@ def main():
               "%.1f" % (B / sec / 1e6),
               "%.2fx" % (base / sec) if base else "-",
               "%.2fx" % (bound / sec) if bound else "-"])
-      if alloc == "default":  # table memory does not use TF's allocator
-        nkeys, per_key, raw = bytes_per_key(uniq, D)
-        mem_rows.append(["%.0e" % N, D, nkeys, "%.0f" % per_key, raw,
-                         "%.2fx" % (per_key / raw)])
       print("done N=%.0e D=%d" % (N, D), file=sys.stderr, flush=True)
+  if alloc == "default":  # table memory does not come from TF's allocator
+    for D in args.dims:
+      per_key, raw = bytes_per_key(D)
+      mem_rows.append([D, "2e6", "%.0f" % per_key, raw, "%.2fx" % (per_key / raw)])
   bench_util.print_table(
       "Sparse table, 65,536-key Zipf(1.1) batches, %s allocator (Mkeys/s; "
       "ratios: time of MHT / mod over ours, > 1 means ours is faster)" % alloc,
@@ -209,7 +212,7 @@ def main():
   if mem_rows:
     bench_util.print_table(
         "Memory per key (hpc_ops table, Adagrad, RSS growth)",
-        ["N ids", "D", "keys", "bytes/key", "raw key+row+slot", "ratio"], mem_rows)
+        ["D", "keys", "bytes/key", "raw key+row+slot", "ratio"], mem_rows)
 
 
 if __name__ == "__main__":
