@@ -3,8 +3,9 @@
 // The SparseTable resource and the CPU pull/push algorithms. A batch is
 // first grouped by shard (GroupKeysByShard: a parallel counting sort that
 // keeps batch order inside each shard), then shards are processed in
-// parallel on TensorFlow's intra-op pool, one task per shard, so no two
-// threads of one op ever wait for the same shard lock.
+// parallel on TensorFlow's intra-op pool, each shard by exactly one task
+// (largest shards first, to the least loaded task), so no two threads of one
+// op ever wait for the same shard lock.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
