@@ -25,6 +25,7 @@ def _setup():
     counters = (1 if opt == "adam" else 0) + (2 if track else 0)
     _TABLES.append((h, dim, slots, counters))
   v = tf.Variable(tf.zeros([4]))
+  lookup = tf.lookup.experimental.MutableHashTable(tf.int64, tf.float32, 0.0)
   h = _TABLES[1][0]
   deleted = gen.sparse_table_handle(dim=4, shared_name="fuzz_deleted")
   tf.raw_ops.DestroyResourceOp(resource=deleted)
@@ -33,8 +34,9 @@ def _setup():
       deleted,                                    # a destroyed table
       tf.stack([h, h]),                           # rank 1
       tf.gather(tf.stack([h]), tf.zeros([0], tf.int32)),  # empty
+      lookup.resource_handle,                     # a lookup table
   ])
-  _WRONG.append(v)  # keeps the variable alive (not drawn)
+  _WRONG.extend([v, lookup])  # keep the resources alive (not drawn)
 
 
 @st.composite
@@ -42,13 +44,19 @@ def _handle(draw):
   """A live table (with its dim, slots, counters) or a bad handle: another
   resource type, a destroyed table, a rank-1 or an empty handle tensor."""
   if draw(st.integers(0, 5)) == 0 and _WRONG:
-    return draw(st.sampled_from(_WRONG[:4])), 4, 1, 2
+    return draw(st.sampled_from(_WRONG[:5])), 4, 1, 2
   return draw(st.sampled_from(_TABLES))
 
 
 def _grads_like(draw, keys, dim):
-  shape = tuple(getattr(keys, "shape", ())) + (dim,)
-  if draw(st.booleans()):
+  shape = tuple(int(d) for d in getattr(keys, "shape", ())) + (dim,)
+  pick = draw(st.integers(0, 3))
+  if pick == 1:  # one off in the last or the first dimension
+    i = draw(st.sampled_from([0, len(shape) - 1]))
+    shape = shape[:i] + (shape[i] + 1,) + shape[i + 1:]
+  if pick <= 1:
+    if any(d >= strategies.HUGE for d in shape):
+      shape = tuple(0 if d >= strategies.HUGE else d for d in shape)
     return draw(strategies.arrays(dtypes=[np.float32], shape=shape))
   return draw(strategies.arrays(dtypes=[np.float32, np.float64, np.int64]))
 
@@ -108,7 +116,23 @@ def _handle_only_case(draw):
 def _import_case(draw):
   h, dim, slots, counters = draw(_handle())
   n = draw(st.integers(0, 6))
-  if draw(st.booleans()):  # well-formed apart from the data itself
+  mode = draw(st.integers(0, 2))
+  if mode == 2:  # almost right: one dimension off, or one bad counter
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    shapes = [(n,), (n, dim), (n, slots, dim), (n, counters)]
+    which = draw(st.integers(0, 4))
+    if which < 4:
+      s = list(shapes[which])
+      s[draw(st.integers(0, len(s) - 1))] += 1
+      shapes[which] = tuple(s)
+    keys = rng.choice(1000, size=shapes[0][0], replace=False).astype(np.int64)
+    cnt = rng.integers(0, 5, size=shapes[3]).astype(np.int64)
+    if which == 4 and cnt.size:
+      cnt.flat[0] = draw(st.sampled_from([-1, 2**32, 2**63 - 1]))
+    return [h, keys, rng.standard_normal(shapes[1]).astype(np.float32),
+            rng.standard_normal(shapes[2]).astype(np.float32), cnt,
+            np.int64(3)], ()
+  if mode == 1:  # well-formed apart from the data itself
     keys = draw(strategies.arrays(dtypes=[np.int64], shape=(n,)))
     values = draw(strategies.arrays(dtypes=[np.float32], shape=(n, dim)))
     slot_arr = draw(strategies.arrays(dtypes=[np.float32], shape=(n, slots, dim)))
