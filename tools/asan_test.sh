@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the test suite against AddressSanitizer + UndefinedBehaviorSanitizer
 # builds of every op library:
-#   tools/asan_test.sh [pytest args]        (after tools/dev.sh setup)
+#   tools/asan_test.sh [pytest args, e.g. tests/test_rms_norm.py]   (after tools/dev.sh setup)
 # The instrumented libraries are staged with the Python sources in a
 # temporary copy of the package that shadows python/ on sys.path; the
 # sanitizer runtime is preloaded (TensorFlow itself is not instrumented, so
@@ -29,4 +29,6 @@ export HPC_OPS_SANITIZED=1
 where="$("$VENV/bin/python" -c 'import hpc_ops, os; print(os.path.dirname(hpc_ops.__file__))')"
 [[ "$where" == "$stage/hpc_ops" ]] || { echo "asan_test: imported $where, not the instrumented copy" >&2; exit 1; }
 echo "[asan] testing the instrumented libraries in $where" >&2
-"$VENV/bin/python" -m pytest tests "$@"
+# pyproject.toml sets testpaths = ["tests"]: no arguments run the whole suite,
+# file arguments run just those files.
+"$VENV/bin/python" -m pytest "$@"
