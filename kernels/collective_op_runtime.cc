@@ -25,6 +25,7 @@
 #include "kernels/collective_op_runtime.h"
 
 #include <sched.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <unistd.h>
 
@@ -472,6 +473,21 @@ char* MutableData(Tensor* t) {
   return const_cast<char*>(t->tensor_data().data());
 }
 
+// Large outputs are often fresh memory from the allocator (mmap): asking for
+// transparent huge pages replaces thousands of 4 KiB first-touch faults by a
+// few 2 MiB ones. Only a hint (no effect where THP is off or the pages are
+// already there); the 2 MiB-aligned interior of the buffer is advised.
+void AdviseHugePages(char* p, int64_t bytes) {
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (bytes < int64_t{8} << 20) return;
+  const uintptr_t begin =
+      (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
+  if (end > begin) {
+    madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+}
+
 // A grow-only, 64-byte aligned buffer. Kept across collectives so that its
 // pages are touched once (first touches are slow on some VMs).
 class Buffer {
@@ -674,6 +690,7 @@ class AllreduceExecution : public Execution {
     } else {
       src_ = const_cast<char*>(requests_[0]->input.tensor_data().data());
       dst_ = MutableData(&requests_[0]->output);
+      if (dst_ != src_) AdviseHugePages(dst_, n_ * esize_);
     }
     // A function of (n, size) only: every rank must cut a chunk the same
     // way. About four segments per chunk, 64 KiB to 1 MiB each.
@@ -899,6 +916,7 @@ class AllgatherExecution : public Execution {
     Tensor* out = nullptr;
     TF_RETURN_IF_ERROR(r.ctx->allocate_output(0, shape, &out));
     r.output = *out;
+    AdviseHugePages(MutableData(&r.output), r.output.TotalBytes());
     int64_t row_bytes = tensorflow::DataTypeSize(r.input.dtype());
     for (int i = 1; i < r.input.dims(); ++i) row_bytes *= r.input.dim_size(i);
     char* dst = MutableData(&r.output);
