@@ -405,6 +405,48 @@ class SparseTableImportOp : public OpKernel {
 };
 
 // ---------------------------------------------------------------------------
+// SparseTableInitFromDense: inserts key i -> values[i] on the first run for
+// a table; later runs only validate their input and return.
+class SparseTableInitFromDenseOp : public OpKernel {
+ public:
+  explicit SparseTableInitFromDenseOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    constexpr char kOp[] = "SparseTableInitFromDense";
+    tensorflow::core::RefCountPtr<SparseTable> table;
+    OP_REQUIRES_OK(ctx, GetTable(ctx, kOp, &table));
+    const Tensor& values = ctx->input(1);
+    OP_REQUIRES(ctx, values.dtype() == tensorflow::DT_FLOAT,
+                errors::InvalidArgument(kOp, ": values must be float, got ",
+                                        tensorflow::DataTypeString(values.dtype())));
+    OP_REQUIRES(ctx,
+                TensorShapeUtils::IsMatrix(values.shape()) &&
+                    values.dim_size(1) == table->dim(),
+                errors::InvalidArgument(kOp, ": values must have shape [n, ", table->dim(),
+                                        "] (the table's dim), got ",
+                                        values.shape().DebugString()));
+    if (table->dense_initialized()) return;
+    absl::MutexLock once(table->dense_init_mu());
+    if (table->dense_initialized()) return;
+    const int64_t n = values.dim_size(0);
+    const int64_t dim = table->dim();
+    const float* v = values.flat<float>().data();
+    const int64_t step = table->step();
+    for (int64_t key = 0; key < n; ++key) {
+      const uint64_t h = KeyHash(key);
+      Shard& sh = table->shard(table->ShardOf(h));
+      absl::MutexLock l(&sh.mu);
+      if (sh.index.Find(h, key, sh.arena) >= 0) continue;
+      Status s;
+      char* row = table->InsertRow(sh, h, key, step, &s);
+      OP_REQUIRES_OK(ctx, s);
+      std::memcpy(table->Values(row), v + key * dim, dim * sizeof(float));
+    }
+    table->set_dense_initialized();
+  }
+};
+
+// ---------------------------------------------------------------------------
 class SparseTableEvictOp : public OpKernel {
  public:
   explicit SparseTableEvictOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
@@ -542,6 +584,7 @@ REGISTER_CPU("SparseTablePush", SparseTablePushOp<CPUDevice>);
 REGISTER_CPU("SparseTableSize", SparseTableSizeOp);
 REGISTER_CPU("SparseTableExport", SparseTableExportOp);
 REGISTER_CPU("SparseTableImport", SparseTableImportOp);
+REGISTER_CPU("SparseTableInitFromDense", SparseTableInitFromDenseOp);
 REGISTER_CPU("SparseTableEvict", SparseTableEvictOp);
 REGISTER_CPU("SparseTableUniqueGrads", SparseTableUniqueGradsOp);
 

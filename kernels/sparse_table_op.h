@@ -316,6 +316,16 @@ class SparseTable : public tensorflow::ResourceBase {
                   absl::Status* status)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(sh.mu);
 
+  // SparseTableInitFromDense runs at most once per table: it holds
+  // dense_init_mu() while it inserts and then sets dense_initialized().
+  bool dense_initialized() const {
+    return dense_initialized_.load(std::memory_order_acquire);
+  }
+  void set_dense_initialized() {
+    dense_initialized_.store(true, std::memory_order_release);
+  }
+  absl::Mutex* dense_init_mu() { return &dense_init_mu_; }
+
   // Applies the table's optimizer to one row.
   void ApplyUpdate(char* row, const float* grad, float lr) const;
 
@@ -324,6 +334,8 @@ class SparseTable : public tensorflow::ResourceBase {
   const int shard_bits_;
   std::vector<std::unique_ptr<Shard>> shards_;
   std::atomic<int64_t> step_{0};
+  absl::Mutex dense_init_mu_;
+  std::atomic<bool> dense_initialized_{false};
 };
 
 // Locks every shard in index order (the one global lock order; pull and

@@ -266,6 +266,29 @@ counters: [n, num_counters], each in [0, 2^32 - 1].
 step: The table's new step, >= 0.
 )doc");
 
+REGISTER_OP("SparseTableInitFromDense")
+    .Input("table_handle: resource")
+    .Input("values: float")
+    .SetIsStateful()
+    .SetShapeFn([](InferenceContext* c) {
+      constexpr char kOp[] = "SparseTableInitFromDense";
+      TF_RETURN_IF_ERROR(ValidateTableHandle(c, kOp));
+      ShapeHandle unused;
+      return CheckRank(c, kOp, 1, "values", 2, &unused);
+    })
+    .Doc(R"doc(
+Initialises a table from a dense embedding matrix, once.
+
+The first run on a table gives key i the row values[i] (i in [0, n)) with
+fresh optimizer slots; keys that already have a row keep it. Every later run
+on the same table returns at once without reading `values`, so a serving
+graph may run it before each pull: hpc_ops.rewrite's `embedding` rule turns
+a gather from an embedding variable into this op followed by SparseTablePull.
+Concurrent first runs initialise the table exactly once.
+
+values: [n, dim] with the table's dim.
+)doc");
+
 REGISTER_OP("SparseTableEvict")
     .Input("table_handle: resource")
     .Input("min_frequency: int64")

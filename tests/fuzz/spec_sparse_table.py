@@ -148,6 +148,18 @@ def _import_case(draw):
 
 
 @st.composite
+def _init_from_dense_case(draw):
+  h, dim, _, _ = draw(_handle())
+  if draw(st.booleans()):
+    n = draw(st.integers(0, 6))
+    values = draw(strategies.arrays(dtypes=[np.float32],
+                                    shape=(n, draw(st.sampled_from([dim, dim + 1])))))
+  else:
+    values = draw(strategies.arrays())
+  return [h, values], ()
+
+
+@st.composite
 def _evict_case(draw):
   h = draw(_handle())[0]
   scalar = st.sampled_from([0, 1, -1, 2**62, -2**63]).map(np.int64)
@@ -169,6 +181,8 @@ SPECS = [
     OpSpec("SparseTableSize", _handle_only_case(), num_outputs=1, setup=_setup),
     OpSpec("SparseTableExport", _handle_only_case(), num_outputs=5, setup=_setup),
     OpSpec("SparseTableImport", _import_case(), num_outputs=0, setup=_setup),
+    OpSpec("SparseTableInitFromDense", _init_from_dense_case(), num_outputs=0,
+           setup=_setup),
     OpSpec("SparseTableEvict", _evict_case(), num_outputs=1, setup=_setup),
     OpSpec("SparseTableUniqueGrads", _unique_case(), num_outputs=2, setup=_setup),
 ]
