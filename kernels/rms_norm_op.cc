@@ -8,13 +8,11 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/common/cpu_parallel.h"
+#include "kernels/common/huge_pages.h"
 #include "kernels/rms_norm_op_simd.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
@@ -235,65 +233,13 @@ void RmsNormGradRows(const T* dy, const T* x, const StatOf<T>* gamma,
   if (kStream) rms_norm_simd::StreamFence();
 }
 
-constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
-
-// Whether transparent huge pages can be had with madvise (Linux's
-// /sys/kernel/mm/transparent_hugepage/enabled is "always" or "madvise").
-bool HugePagesAvailable() {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  static const bool available = [] {
-    std::FILE* f =
-        std::fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
-    if (f == nullptr) return false;
-    char buf[128] = {0};
-    const size_t n = std::fread(buf, 1, sizeof(buf) - 1, f);
-    std::fclose(f);
-    buf[n] = '\0';
-    return std::strstr(buf, "[never]") == nullptr &&
-           (std::strstr(buf, "[always]") != nullptr ||
-            std::strstr(buf, "[madvise]") != nullptr);
-  }();
-  return available;
-#else
-  return false;
-#endif
-}
-
-// The 2 MiB-aligned range inside [p, p + bytes); empty if there is none.
-void InnerHugePages(void* p, int64_t bytes, uintptr_t* begin, uintptr_t* end) {
-  const uintptr_t start = reinterpret_cast<uintptr_t>(p);
-  *begin = (start + kHugePage - 1) & ~(kHugePage - 1);
-  *end = (start + static_cast<uintptr_t>(bytes)) & ~(kHugePage - 1);
-  if (*end < *begin) *end = *begin;
-}
-
-// How a large output is written. TF's default CPU allocator maps every large
-// tensor afresh, so each 4 KiB page costs a page fault (and zeroing) on its
-// first write; on VMs that costs more than the kernel's own memory traffic.
-// For such fresh memory we ask Linux for transparent huge pages on the
-// 2 MiB-aligned part of the buffer (one fault per 2 MiB, and no huge page
-// reaches beyond the buffer). Large outputs are then written with streaming
+// How a large output is written: fresh outputs get transparent huge pages
+// (common/huge_pages.h); large outputs are then written with streaming
 // stores, except on fresh 4 KiB pages, whose lines the fault has just zeroed
 // in cache. Returns whether to stream.
 bool PrepareOutput(void* out, int64_t bytes) {
   if (reinterpret_cast<uintptr_t>(out) % 64 != 0) return false;
-  bool fresh = false;
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  uintptr_t begin, end;
-  InnerHugePages(out, bytes, &begin, &end);
-  if (bytes >= kHugePageMinBytes && end > begin) {
-    // Not yet backed (one page is enough to tell a fresh mapping from a
-    // buffer the allocator reuses)?
-    unsigned char resident = 1;
-    if (mincore(reinterpret_cast<void*>(begin), 4096, &resident) == 0) {
-      fresh = (resident & 1) == 0;
-    }
-    if (fresh && HugePagesAvailable()) {
-      // Advisory only: on failure the pages are simply 4 KiB ones.
-      madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-    }
-  }
-#endif
+  const bool fresh = AdviseHugePagesIfFresh(out, bytes, kHugePageMinBytes);
   return bytes >= kStreamMinBytes && (!fresh || HugePagesAvailable());
 }
 

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "kernels/common/cpu_parallel.h"
+#include "kernels/common/huge_pages.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -31,6 +32,8 @@ struct ZeroOut<CPUDevice, T> {
     // Read the first element before zeroing: `out` may alias `in`.
     const T first = in(0);
     T* dst = out.data();
+    // A fresh output's first touches cost more than the zeroing itself.
+    AdviseHugePagesIfFresh(dst, n * static_cast<int64_t>(sizeof(T)), kHugePageBytes);
     CpuParallelFor(ctx, n, /*cost_per_unit=*/1,
                    [dst](int64_t begin, int64_t end) {
                      std::memset(static_cast<void*>(dst + begin), 0,
