@@ -7,6 +7,7 @@ Nothing read from a model is ever evaluated: constants are decoded with
 """
 import collections
 import dataclasses
+import hashlib
 import os
 import shutil
 import tempfile
@@ -559,6 +560,19 @@ class Rule:
                 "hpc_ops library that defines it)" % op)
     return None
 
+  def begin(self, meta_graph, model_id):
+    """Called once per MetaGraphDef before any of its graphs is rewritten
+    (the library already checked). `model_id` is a hex digest of the input
+    (the SavedModel's saved_model.pb and variable index, or the MetaGraphDef)
+    and the meta graph's position: a rule that names state after the model
+    (a shared resource) derives the name from it."""
+
+  def verify_int_limit(self):
+    """An exclusive upper bound the random integer inputs of --verify must
+    stay below for the comparison to be meaningful (e.g. a vocabulary
+    size), or None."""
+    return None
+
   def match(self, graph, node):
     raise NotImplementedError
 
@@ -1001,12 +1015,29 @@ def meta_graph_label(meta_graph, index, total):
   return "meta_graph[%s]" % (tags or index)
 
 
-def rewrite_meta_graph_in_place(meta_graph, rules, label="", validate=True):
+def input_digest(*blobs):
+  """Hex sha256 over byte strings (each length-prefixed)."""
+  h = hashlib.sha256()
+  for b in blobs:
+    h.update(b"%d:" % len(b))
+    h.update(b)
+  return h.hexdigest()
+
+
+def rewrite_meta_graph_in_place(meta_graph,
+                                rules,
+                                label="",
+                                validate=True,
+                                source_digest=None,
+                                index=0):
   """Rewrites `meta_graph` (a MetaGraphDef, edited in place). Returns a
-  Report."""
+  Report. `source_digest` identifies the input it was read from (default:
+  a digest of the MetaGraphDef itself); `index` is its position there."""
   report = Report()
   original = meta_graph_pb2.MetaGraphDef()
   original.CopyFrom(meta_graph)
+  if source_digest is None:
+    source_digest = input_digest(original.SerializeToString(deterministic=True))
   gd = meta_graph.graph_def
   prefix = (label + " ") if label else ""
   check_library(gd, prefix + "library")
@@ -1025,6 +1056,9 @@ def rewrite_meta_graph_in_place(meta_graph, rules, label="", validate=True):
   ]
   for g in graphs:
     check_graph(g)
+  model_id = input_digest(source_digest.encode(), b"meta_graph %d" % index)
+  for rule in rules:
+    rule.begin(meta_graph, model_id)
   changed_functions = []
   for g in graphs:
     n = len(report.replacements)
@@ -1137,10 +1171,12 @@ def rewrite_saved_model(src_dir,
   sm, fname, text = read_saved_model(src_dir)
   if not dry_run:
     _check_dst(src_dir, dst_dir)
+  digest = _saved_model_digest(src_dir, fname)
   report = Report()
   for i, mg in enumerate(sm.meta_graphs):
     label = meta_graph_label(mg, i, len(sm.meta_graphs))
-    report.extend(rewrite_meta_graph_in_place(mg, rule_objs, label, validate))
+    report.extend(
+        rewrite_meta_graph_in_place(mg, rule_objs, label, validate, digest, i))
   if not report.changed:
     report.notes.append("nothing to rewrite: the output is a copy of the input")
   if dry_run and not verify:
@@ -1159,10 +1195,14 @@ def rewrite_saved_model(src_dir,
       _write_fingerprint(src_dir, out_dir, report.changed)
     if verify:
       from hpc_ops.rewrite import verify as verify_lib
-      report.verification = verify_lib.verify_saved_models(src_dir,
-                                                           out_dir,
-                                                           verify,
-                                                           seed=seed)
+      limits = [r.verify_int_limit() for r in rule_objs]
+      limits = [x for x in limits if x is not None]
+      report.verification = verify_lib.verify_saved_models(
+          src_dir,
+          out_dir,
+          verify,
+          seed=seed,
+          int_limit=min(limits) if limits else None)
       if not report.verification["ok"]:
         report.notes.append("verification failed: %s was not written" % dst_dir)
         return report
@@ -1173,6 +1213,19 @@ def rewrite_saved_model(src_dir,
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return report
+
+
+def _saved_model_digest(src_dir, fname):
+  """Digest of what makes a SavedModel this model: its graph file and the
+  variable index (which holds a checksum of every saved tensor), so that
+  two exports of one architecture with different weights differ."""
+  blobs = []
+  for rel in (fname, os.path.join("variables", "variables.index")):
+    path = os.path.join(src_dir, rel)
+    if os.path.isfile(path):
+      with open(path, "rb") as f:
+        blobs.append(f.read())
+  return input_digest(*blobs)
 
 
 def _copy_tree(src, dst, skip):
@@ -1205,7 +1258,9 @@ def rewrite_meta_graph_file(src, dst, rules=None, dry_run=False, validate=True):
   mg, text = read_meta_graph_file(src)
   if not dry_run:
     _check_dst(src, dst)
-  report = rewrite_meta_graph_in_place(mg, rule_objs, "", validate)
+  with open(src, "rb") as f:
+    digest = input_digest(f.read())
+  report = rewrite_meta_graph_in_place(mg, rule_objs, "", validate, digest)
   if not report.changed:
     report.notes.append("nothing to rewrite: the output is a copy of the input")
   if dry_run:

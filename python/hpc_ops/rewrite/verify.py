@@ -29,15 +29,24 @@ TOLERANCES = {
 _MARK = "HPC_OPS_VERIFY_RESULT "
 
 
-def verify_saved_models(original, rewritten, n, seed=0, timeout=1200):
+def verify_saved_models(original,
+                        rewritten,
+                        n,
+                        seed=0,
+                        timeout=1200,
+                        int_limit=None):
   """Returns a JSON-able dict: {"ok": bool, "signatures": [...],
-  "error": str or None}."""
+  "error": str or None}. `int_limit`: random integer inputs are drawn below
+  min(4, int_limit) (a rule's bound, e.g. the smallest vocabulary of a
+  rewritten embedding lookup)."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   cmd = [
       sys.executable, "-m", "hpc_ops.rewrite.verify", original, rewritten,
       str(int(n)), "--seed",
       str(int(seed))
   ]
+  if int_limit is not None:
+    cmd += ["--int-limit", str(int(int_limit))]
   try:
     proc = subprocess.run(cmd,
                           capture_output=True,
@@ -72,6 +81,9 @@ def format_result(res):
       "verification (%s random batches per signature): %s" %
       (res.get("batches"), "PASSED" if res["ok"] else "FAILED")
   ]
+  if res.get("int_high", 4) < 4:
+    lines.append("  integer inputs drawn in [0, %d): the smallest vocabulary "
+                 "of a rewritten lookup" % res["int_high"])
   if res.get("error"):
     lines.append("  error: " + res["error"])
   for sig in res.get("signatures", []):
@@ -93,7 +105,7 @@ def format_result(res):
 # ---------------------------------------------------------------------------
 
 
-def _random_value(spec, rng, batch):
+def _random_value(spec, rng, batch, int_high=4):
   shape = []
   dims = spec.shape.as_list() if spec.shape.rank is not None else [None]
   for i, d in enumerate(dims):
@@ -106,7 +118,7 @@ def _random_value(spec, rng, batch):
     return tf.constant(rng.random(shape) < 0.5)
   if dt.is_integer:
     # Small non-negative values: valid as ids, indices and counts.
-    return tf.cast(tf.constant(rng.integers(0, 4, size=shape)), dt)
+    return tf.cast(tf.constant(rng.integers(0, int_high, size=shape)), dt)
   if dt == tf.string:
     words = np.array([b"a", b"bc", b"def", b""], dtype=object)
     return tf.constant(words[rng.integers(0, 4, size=shape)])
@@ -152,11 +164,13 @@ def _compare(name, a, b):
   return out
 
 
-def _run(original, rewritten, n, seed):
+def _run(original, rewritten, n, seed, int_limit=None):
   from hpc_ops.rewrite import core
   failed = core.load_hpc_ops_libraries()
   sm, _, _ = core.read_saved_model(original)
   result = {"ok": True, "batches": n, "signatures": [], "error": None}
+  int_high = 4 if int_limit is None else max(1, min(4, int_limit))
+  result["int_high"] = int_high
   if failed:
     result["notes"] = [
         "op library not loaded: %s: %s" % kv for kv in sorted(failed.items())
@@ -195,7 +209,8 @@ def _run(original, rewritten, n, seed):
         rng = np.random.default_rng([seed, i])
         batch = int(rng.choice([1, 2, 5, 16]))
         feed = {
-            k: _random_value(s, rng, batch) for k, s in sorted(kwargs.items())
+            k: _random_value(s, rng, batch, int_high)
+            for k, s in sorted(kwargs.items())
         }
         outs, errs = [], []
         for fn in fns:
@@ -255,9 +270,11 @@ def main(argv):
   p.add_argument("rewritten")
   p.add_argument("n", type=int)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--int-limit", type=int, default=None)
   args = p.parse_args(argv)
   try:
-    res = _run(args.original, args.rewritten, args.n, args.seed)
+    res = _run(args.original, args.rewritten, args.n, args.seed,
+               args.int_limit)
   except Exception as e:
     res = {
         "ok": False,
