@@ -4,10 +4,13 @@
             -> RmsNorm
   zero_out  native "keep the first element, zero the rest" -> ZeroOut
   op_map    a user-given OldOp=NewOp mapping between identical signatures
+  embedding an embedding lookup on a float32 variable (ResourceGather, or
+            Keras 3 Embedding's GatherV2(ReadVariableOp, ids, axis=0)) ->
+            SparseTablePull on a table filled once from the variable's rows
+            (ids beyond the vocabulary then read zeros); opt-in, not in
+            DEFAULT, because it changes what unknown ids do
 
-An `embedding` rule (ResourceGather on a variable -> SparseTablePull on a
-table holding the variable's rows) is not implemented: it needs a new
-tracked table resource in the SavedModel's object graph.
+DEFAULT are the rules that keep every result as it was.
 """
 from hpc_ops.rewrite.core import RewriteError
 from hpc_ops.rewrite.core import Rule
@@ -16,6 +19,7 @@ DEFAULT = ("rms_norm", "zero_out")
 
 
 def _by_name(name):
+  from hpc_ops.rewrite.rules import embedding
   from hpc_ops.rewrite.rules import op_map
   from hpc_ops.rewrite.rules import rms_norm
   from hpc_ops.rewrite.rules import zero_out
@@ -26,11 +30,8 @@ def _by_name(name):
   if name.startswith("op_map:") or name.startswith("op_map="):
     return op_map.OpMapRule.from_string(name[len("op_map:"):])
   if name == "embedding":
-    raise RewriteError(
-        "the embedding rule is not implemented yet (ResourceGather -> "
-        "SparseTablePull needs a new tracked table resource in the "
-        "SavedModel, see docs/rewrite.md)")
-  raise RewriteError("unknown rule %r (known: rms_norm, zero_out, "
+    return embedding.EmbeddingRule()
+  raise RewriteError("unknown rule %r (known: rms_norm, zero_out, embedding, "
                      "op_map:OldOp=NewOp[,OldOp2=NewOp2])" % name)
 
 
