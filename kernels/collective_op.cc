@@ -191,9 +191,17 @@ class CollectiveOpKernel : public AsyncOpKernel {
  public:
   explicit CollectiveOpKernel(OpKernelConstruction* ctx) : AsyncOpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("tensor_name", &tensor_name_));
+    std::string function_name;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("function_name", &function_name));
     // Graph mode: the node name is unique in its graph and the same on every
-    // process that built the same graph.
-    if (tensor_name_.empty()) tensor_name_ = name();
+    // process that built the same graph (inlined function calls and lowered
+    // control flow prefix it with their path); the function's name tells
+    // two graphs apart. ':' cannot occur in a node name.
+    if (tensor_name_.empty()) {
+      tensor_name_ = function_name.empty()
+                         ? name()
+                         : absl::StrCat(function_name, ":", name());
+    }
   }
 
  protected:

@@ -21,11 +21,16 @@ namespace {
 
 constexpr char kTensorNameDoc[] = R"doc(
 tensor_name: The name that matches this call with the calls of the other
-  processes. Empty (the default): the node name, which is unique in a graph.
-  Eager callers must pass one: every process must issue each name the same
-  number of times; the k-th call with a name on one process is combined with
-  the k-th call with that name on the others, whatever the order in which
-  differently named calls are issued.
+  processes: every process must issue each name the same number of times;
+  the k-th call with a name on one process is combined with the k-th call
+  with that name on the others, whatever the order in which differently
+  named calls are issued. Eager callers must pass one. Empty (the default):
+  `function_name:node name`, or the node name alone when function_name is
+  empty.
+function_name: Set by the Python wrappers when they build the op inside a
+  tf.function: the function's name, the same on every process. A node name
+  is unique in its graph only; with it, the default names of two different
+  functions that run at the same time differ too.
 )doc";
 
 }  // namespace
@@ -36,6 +41,7 @@ REGISTER_OP("HpcAllreduce")
     .Attr("T: {int32, int64, half, bfloat16, float, double}")
     .Attr("reduce_op: {'sum', 'average', 'min', 'max', 'product'} = 'sum'")
     .Attr("tensor_name: string = ''")
+    .Attr("function_name: string = ''")
     .SetShapeFn(shape_inference::UnchangedShape)
     .Doc(std::string(R"doc(
 Combines a tensor element-wise across all processes; every process receives
@@ -55,6 +61,7 @@ REGISTER_OP("HpcBroadcast")
     .Attr("T: {int32, int64, half, bfloat16, float, double}")
     .Attr("root_rank: int >= 0")
     .Attr("tensor_name: string = ''")
+    .Attr("function_name: string = ''")
     .SetShapeFn(shape_inference::UnchangedShape)
     .Doc(std::string(R"doc(
 Copies the root process's tensor to every process.
@@ -71,6 +78,7 @@ REGISTER_OP("HpcAllgather")
     .Output("gathered: T")
     .Attr("T: {int32, int64, half, bfloat16, float, double}")
     .Attr("tensor_name: string = ''")
+    .Attr("function_name: string = ''")
     .SetShapeFn([](shape_inference::InferenceContext* c) {
       shape_inference::ShapeHandle in;
       if (!c->WithRankAtLeast(c->input(0), 1, &in).ok()) {

@@ -95,6 +95,61 @@ def test_single_process_gradients_match_numerical(which):
   np.testing.assert_allclose(theoretical[0], np.eye(6), atol=1e-12)
 
 
+def _allreduce_attrs(concrete):
+  """(node name, function_name) of every HpcAllreduce in a concrete function,
+  its control-flow bodies included."""
+  graph_def = concrete.graph.as_graph_def()
+  nodes = list(graph_def.node)
+  for fdef in graph_def.library.function:
+    nodes += list(fdef.node_def)
+  return sorted((n.name, n.attr["function_name"].s.decode()) for n in nodes
+                if n.op == "HpcAllreduce")
+
+
+def test_default_names_include_the_function_name():
+  """Inside tf.function the matching name is `function name:node name`; the
+  function name must not depend on per-process counters (control-flow
+  bodies are named "while_body_<n>") or on the input shapes."""
+
+  @tf.function
+  def train_step(x):
+    a = coll.allreduce(x, "sum")
+
+    def body(i, v):
+      return i + 1, coll.allreduce(v, "max")
+
+    _, b = tf.while_loop(lambda i, v: i < 2, body, [0, a])
+    return tf.cond(b[0] > 0, lambda: coll.allreduce(b, "min"), lambda: b)
+
+  for n in (3, 5):  # a retrace for another shape: the same names
+    attrs = _allreduce_attrs(
+        train_step.get_concrete_function(tf.TensorSpec([n], tf.float32)))
+    assert [a[1] for a in attrs] == ["train_step"] * 3, attrs
+  np.testing.assert_array_equal(train_step(tf.ones([3])).numpy(), np.ones(3))
+
+  @tf.function
+  def other(x):
+    return coll.allreduce(x, "sum")
+
+  assert _allreduce_attrs(other.get_concrete_function(
+      tf.TensorSpec([3], tf.float32))) == [("HpcAllreduce", "other")]
+
+  class Graph:  # TF names the gradient of a tf.function called eagerly so
+    building_function = True
+    outer_graph = None
+
+    def __init__(self, name):
+      self.name = name
+
+  assert coll._function_name(Graph("__backward_other_1234")) == \
+      "__backward_other"
+  assert coll._function_name(Graph("step_2")) == "step_2"
+  assert coll._function_name(tf.Graph()) == ""  # TF1-style graphs
+  with tf.Graph().as_default():
+    op = coll.allreduce(tf.ones([2]), "sum").op
+    assert op.get_attr("function_name") == b"" and op.name == "HpcAllreduce"
+
+
 def test_single_process_bad_inputs():
   with pytest.raises(tf.errors.InvalidArgumentError, match="rank >= 1"):
     gen_collective_ops.hpc_allgather(tf.constant(3.0), tensor_name="s")
@@ -308,7 +363,7 @@ CHECKS = ["process_info"] + [
     "allreduce_%s_%s" % (mode, d.name) for d in DTYPES
     for mode in ("eager", "function")] + [
     "large", "nan_propagates", "broadcast", "allgather", "out_of_order",
-    "fusion", "mismatch_errors", "bad_inputs", "gradients"]
+    "concurrent_functions", "fusion", "mismatch_errors", "bad_inputs", "gradients"]
 TRAINING_CHECKS = ["broadcast_variables", "gradient_tape", "keras_fit",
                    "keras_fit_eager"]
 # Generous fusion window: the fusion check must not depend on how busy the

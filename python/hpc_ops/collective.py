@@ -10,14 +10,18 @@ down at interpreter exit.
 Matching calls across processes: every call has a name, and the k-th call
 with a name on one process is combined with the k-th call with that name on
 the others, in whatever order differently named calls are issued. Inside
-`tf.function` (graph mode) the name is the op's node name, unique in its
-graph, so nothing needs to be passed. In eager mode the name is `name` or the
-op's default ("allreduce", "broadcast", "allgather"): every process must issue
-the same sequence of eager calls per name, and calls made concurrently from
-several Python threads must use distinct names.
+`tf.function` (graph mode) the name is the traced function's name and the
+op's node name ("train_step:HpcAllreduce_3"), so nothing needs to be passed:
+it is the same on every process that traced the same code, and different
+functions running at the same time from several threads do not mix. In
+eager mode the name is `name` or the op's default ("allreduce", "broadcast",
+"allgather"): every process must issue the same sequence of eager calls per
+name, and calls made concurrently from several Python threads must use
+distinct names.
 """
 import atexit
 import ctypes
+import re
 
 import tensorflow as tf
 
@@ -97,12 +101,44 @@ def _check_op(op):
   return op
 
 
+def _is_control_flow_graph(graph):
+  # The bodies of tf.cond, tf.switch_case and tf.while_loop (and of their
+  # gradients) are traced into graphs of these classes.
+  return any(c.__name__ in ("CondBranchFuncGraph", "WhileCondFuncGraph",
+                            "WhileBodyFuncGraph", "ControlFlowFuncGraph")
+             for c in type(graph).__mro__)
+
+
+def _function_name(graph):
+  """The name of the tf.function being traced into `graph`, the same on
+  every process that traces the same code ("" outside tf.function).
+
+  Not derived from anything that counts traces or graphs in this process
+  (processes may trace in different orders): control-flow bodies are named
+  "while_body_<counter>", so the enclosing function's name is used (their
+  ops' node names carry the loop or branch at run time); TF's own graphs,
+  such as the gradient of a tf.function called eagerly
+  ("__backward_step_<counter>"), lose the counter. Nor from the input
+  signature: a retrace for a smaller last batch must still match the
+  other processes' collectives."""
+  while graph is not None and _is_control_flow_graph(graph):
+    graph = getattr(graph, "outer_graph", None)
+  if graph is None or not getattr(graph, "building_function", False):
+    return ""
+  name = str(graph.name)
+  if name.startswith("__"):
+    name = re.sub(r"_\d+$", "", name)
+  return name
+
+
 def _call(fn, tensor, name, default_name, **attrs):
   tensor = tf.convert_to_tensor(tensor)
   if tf.executing_eagerly():
     return fn(tensor, tensor_name=name or default_name, **attrs)
-  # Graph mode: the node name (unique in the graph) is the matching name.
-  return fn(tensor, name=name, **attrs)
+  # Graph mode: the function's name and the node name (unique in the graph)
+  # are the matching name.
+  function_name = _function_name(tf.compat.v1.get_default_graph())
+  return fn(tensor, name=name, function_name=function_name, **attrs)
 
 
 def allreduce(tensor, op="average", name=None):
@@ -115,7 +151,7 @@ def allreduce(tensor, op="average", name=None):
     op: "average" (default), "sum", "min", "max" or "product". Integer
       averages truncate toward zero; 16-bit floats are reduced in float32.
     name: the matching name in eager mode (see the module docstring); the op
-      name in graph mode.
+      name in graph mode (prefixed with the function's name to match).
   """
   return _call(gen_collective_ops.hpc_allreduce, tensor, name, "allreduce",
                reduce_op=_check_op(op))

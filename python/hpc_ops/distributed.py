@@ -158,9 +158,16 @@ def _allreduce_gradients(grads, op, sparse_as_dense):
   if tf.executing_eagerly():
     key = (op, sparse_as_dense)
     if key not in _eager_reducers:
-      _eager_reducers[key] = tf.function(
-          lambda vs: [_reduce_one(v, op, sparse_as_dense) for v in vs],
-          reduce_retracing=True)
+
+      def reduce_gradients(vs):
+        return [_reduce_one(v, op, sparse_as_dense) for v in vs]
+
+      # The function's name is part of its collectives' names: one per key,
+      # so that two tapes with different settings never mix.
+      reduce_gradients.__name__ = "hpc_ops_reduce_gradients_%s%s" % (
+          op, "_sparse_as_dense" if sparse_as_dense else "")
+      _eager_reducers[key] = tf.function(reduce_gradients,
+                                         reduce_retracing=True)
     reduced = _eager_reducers[key](values)
   else:
     reduced = [_reduce_one(v, op, sparse_as_dense) for v in values]

@@ -5,6 +5,7 @@ runs the same checks, in the same order, and compares its results with numpy
     python -m hpc_ops.run -np 2 tests/collective_workers/checks.py [--training]
 """
 import sys
+import threading
 import time
 
 from common import DTYPES, OPS, Checks, as_f64, expect_error, hd, np, tf
@@ -179,6 +180,52 @@ def check_out_of_order():
   ya, yb = f(tf.fill([4], float(R)), tf.fill([3], float(R) * 10))
   np.testing.assert_array_equal(ya.numpy(), np.full(4, sum(range(P))))
   np.testing.assert_array_equal(yb.numpy(), np.full(3, 10.0 * (P - 1)))
+
+
+def check_concurrent_functions():
+  """Two different tf.functions whose collectives are unnamed (both nodes are
+  "HpcAllreduce"), called at the same time from two threads, in opposite
+  orders on even and odd ranks: each call must be combined with the same
+  function's call on the other ranks (the default name includes the
+  function's name), not with whichever came first."""
+
+  @tf.function
+  def scale_gradients(x):
+    return coll.allreduce(x, "sum")
+
+  @tf.function
+  def sync_statistics(x):
+    return coll.allreduce(x, "sum")
+
+  fns = {"a": scale_gradients, "b": sync_statistics}
+  base = {"a": 100.0, "b": 10000.0}
+  # Trace now: the delays below set the order.
+  traced = [fn.get_concrete_function(tf.TensorSpec([8], tf.float32))
+            for fn in fns.values()]
+  node_names = [op.name for cf in traced for op in cf.graph.get_operations()
+                if op.type == "HpcAllreduce"]
+  assert node_names == ["HpcAllreduce"] * 2, node_names
+  results, errors = {}, []
+
+  def call(key, delay):
+    try:
+      time.sleep(delay)
+      results[key] = fns[key](tf.fill([8], base[key] + R)).numpy()
+    except Exception as e:  # noqa: BLE001 - re-raised below
+      errors.append(e)
+
+  order = ("a", "b") if R % 2 == 0 else ("b", "a")
+  threads = [threading.Thread(target=call, args=(key, 0.4 * i))
+             for i, key in enumerate(order)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  if errors:
+    raise errors[0]
+  for key in fns:
+    expect = np.full(8, sum(base[key] + r for r in range(P)), np.float32)
+    np.testing.assert_array_equal(results[key], expect, err_msg=key)
 
 
 def check_fusion():
@@ -433,6 +480,7 @@ def main():
   checks.run("broadcast", check_broadcast)
   checks.run("allgather", check_allgather)
   checks.run("out_of_order", check_out_of_order)
+  checks.run("concurrent_functions", check_concurrent_functions)
   checks.run("fusion", check_fusion)
   checks.run("mismatch_errors", check_mismatch_errors)
   checks.run("bad_inputs", check_bad_inputs)
