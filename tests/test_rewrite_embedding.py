@@ -178,9 +178,9 @@ def test_tf1_graph_is_rewritten_and_reuses_the_snapshot_read(models):
 def test_outputs_equal_known_ids_and_zero_rows_for_unknown_ones(
     models, fresh_python):
   """In a fresh process (as a server loads it): equal rows for ids in the
-  vocabulary, zero rows beyond it (the original fails), and two rewritten
-  Keras models with different weights loaded side by side each serve their
-  own rows."""
+  vocabulary, zero rows beyond it (the original fails), two rewritten Keras
+  models with different weights loaded side by side each serve their own
+  rows, and in a TF1 Session the table holds exactly the V rows."""
   paths = {k: (v[0], v[1]) for k, v in models.items()}
   proc = fresh_python("""
       import numpy as np
@@ -258,6 +258,19 @@ def test_outputs_equal_known_ids_and_zero_rows_for_unknown_ones(
       out = fails_then_zeros("tf1", "serving_default", "rows",
                              ids=np.array([V + 1], np.int32))
       assert (out == 0).all()
+
+      # In a TF1 Session the table is found under its shared_name, holds
+      # the V rows and nothing else after lookups of unknown ids.
+      from hpc_ops import gen_sparse_table_ops as st
+      with tf.Graph().as_default() as graph, tf.compat.v1.Session() as sess:
+        tf.compat.v1.saved_model.loader.load(sess, ["serve"], paths["tf1"][1])
+        got = sess.run("rows:0", {"ids:0": [2, V, -5]})
+        assert (got[1:] == 0).all() and (got[0] != 0).all()
+        (name,) = {op.get_attr("shared_name") for op in graph.get_operations()
+                   if op.type == "SparseTableHandle"}
+        size = st.sparse_table_size(st.sparse_table_handle(
+            dim=D, initializer="zeros", optimizer="sgd", shared_name=name))
+        assert sess.run(size) == V, sess.run(size)
       print("FRESH OK")
       """ % (paths, em.VOCAB, em.DIM, em.SMALL_VOCAB))
   assert "FRESH OK" in proc.stdout

@@ -26,15 +26,20 @@ Replacement (the lookup node keeps its name and now is the pull):
 
 The first lookup fills the table with key i -> row i of the variable (every
 later one finds it filled and returns at once); ids beyond [0, V) (or
-negative) read zero rows, where the gather failed with InvalidArgument. The
-table lives in the resource manager of the process (of the Session, in TF1),
-under a shared_name derived from the input's digest and the variable, so
-two different models never share a table and one model loaded twice does.
+negative) read zero rows, where the gather failed with InvalidArgument.
+
+The table is named by a shared_name derived from the input's digest and the
+variable (deterministic; distinct for distinct models and variables) and
+lives in the device's resource manager: in a TF1 Session until it closes;
+under tf.saved_model.load, which appends a per-load suffix to shared names,
+one table per load that outlives the loaded model (until the process ends).
+Nothing in the object graph tracks it.
 
 Refused (reported as skipped): rows not float32, batch_dims != 0, an axis
 other than 0, the variable not traceable to one variable, its shape unknown
-or not rank 2, no rows, a row width beyond SparseTable's 65536, and a
-variable that anything in the model may write (an Assign*/Scatter/Apply op
+or not rank 2, no rows, a row width beyond SparseTable's 65536, a lookup
+in an XLA-compiled function, and a variable that anything in the model may
+write (an Assign*/Scatter/Apply op
 other than the checkpoint restore and TF1 initialiser): the table is a
 snapshot of the variable at the first lookup and would not see the write.
 """
