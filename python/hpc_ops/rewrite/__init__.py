@@ -8,8 +8,8 @@
 
 or `python -m hpc_ops.rewrite SRC DST [--rules ...] [--verify N] [--dry-run]`.
 Inputs: TF2 and TF1 SavedModels, standalone MetaGraphDef files (.meta binary,
-.pbtxt text). Rules: rms_norm, zero_out (the defaults) and
-op_map:OldOp=NewOp. See docs/rewrite.md.
+.pbtxt text). Rules: rms_norm, zero_out (the defaults), embedding (opt-in)
+and op_map:OldOp=NewOp. See docs/rewrite.md.
 """
 from hpc_ops.rewrite.core import Replacement  # noqa: F401
 from hpc_ops.rewrite.core import Report  # noqa: F401
