@@ -398,7 +398,8 @@ absl::Status CallScratch::Reserve(OpKernelContext* ctx, size_t bytes) {
 
 void GroupKeysByShard(OpKernelContext* ctx, const SparseTable& table,
                       const int64_t* keys, int64_t n, CallScratch* scratch,
-                      KeyGroups* g) {
+                      KeyGroups* g, const float* rows, int64_t dim,
+                      float* grouped_rows) {
   const int S = table.num_shards();
   const int bits = table.shard_bits();
   g->begin.assign(S + 1, 0);
@@ -435,9 +436,13 @@ void GroupKeysByShard(OpKernelContext* ctx, const SparseTable& table,
   CpuForEachShard(ctx, n, blocks, [&](int b, int64_t begin, int64_t end) {
     int64_t* cursor = counts.data() + static_cast<size_t>(b) * S;
     for (int64_t i = begin; i < end; ++i) {
-      GroupedKey& e = out[cursor[shard_of[i]]++];
+      const int64_t at = cursor[shard_of[i]]++;
+      GroupedKey& e = out[at];
       e.key = keys[i];
       e.pos = i;
+      if (grouped_rows != nullptr) {
+        std::memcpy(grouped_rows + at * dim, rows + i * dim, dim * sizeof(float));
+      }
     }
   });
 }
@@ -647,17 +652,15 @@ namespace {
 // Per distinct row of one shard in one push.
 struct UniqueRow {
   uint32_t row;
-  uint32_t count;     // occurrences in the batch (saturating)
-  int64_t first_pos;  // batch position of the first occurrence
-  int64_t acc;        // index of its gradient sum in the accumulators, or -1
+  uint32_t count;  // occurrences in the batch (saturating)
+  int64_t first;   // the shard entry of its first occurrence
 };
 
-// Scratch of one push, carved per shard from the grouping offsets: entry
-// ranges [begin[s], begin[s+1]) index `uniques` and `acc` (acc in rows of
-// dim), dedup tables take their own power-of-two ranges.
+// Scratch of one push: `uniques` is indexed like the grouped entries (a
+// shard's distinct rows number at most its keys), dedup tables take their own
+// power-of-two ranges.
 struct PushScratch {
   UniqueRow* uniques;
-  float* acc;
   uint64_t* dedup;
   std::vector<int64_t> dedup_begin;  // per shard; size num_shards + 1
 };
@@ -668,14 +671,26 @@ int64_t DedupSize(int64_t k) {
   return p;
 }
 
+// dst[0, n) += src[0, n), one add per column (the same result at any width).
+inline void AddFloats(float* dst, const float* src, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX__)
+  for (; j + 8 <= n; j += 8) {
+    _mm256_storeu_ps(dst + j, _mm256_add_ps(_mm256_loadu_ps(dst + j), _mm256_loadu_ps(src + j)));
+  }
+#endif
+  for (; j < n; ++j) dst[j] += src[j];
+}
+
+// `g` holds the shard's gradients in entry order (GroupKeysByShard copied
+// them), k rows of dim; the sums of repeated rows are formed in place, in
+// the row of their first occurrence.
 template <typename Update>
-Status PushShard(SparseTable& t, Shard& sh, GroupedKey* e, int64_t k,
-                 const float* grads, float lr, int64_t step, UniqueRow* uniques,
-                 float* acc, uint64_t* dedup, int64_t dedup_size)
-    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+Status PushShard(SparseTable& t, Shard& sh, const GroupedKey* e, int64_t k, float* g,
+                 float lr, int64_t step, UniqueRow* uniques, uint64_t* dedup,
+                 int64_t dedup_size) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const sparse_table::TableConfig& c = t.config();
   const int64_t dim = c.dim;
-  const size_t grad_bytes = dim * sizeof(float);
   const bool admission = c.admission_min_count > 1;
   std::memset(dedup, 0, dedup_size * sizeof(uint64_t));
   const uint64_t mask = static_cast<uint64_t>(dedup_size) - 1;
@@ -683,14 +698,11 @@ Status PushShard(SparseTable& t, Shard& sh, GroupedKey* e, int64_t k,
 
   // 1. Find (or create) each key's row, number the distinct rows in order of
   // first occurrence and sum the gradients of repeated rows, in batch order
-  // (deterministic). A row seen once keeps pointing at its gradient in
-  // `grads`; the sum of a repeated row goes to `acc`.
+  // (deterministic).
   int64_t num_unique = 0;
-  int64_t num_acc = 0;
   Status status;
   ForEachKeyPrefetched(
-      sh, e, k, c.header_bytes(),
-      [&](int64_t j) { PrefetchBytes<false>(grads + e[j].pos * dim, grad_bytes); },
+      sh, e, k, c.header_bytes(), [](int64_t) {},
       [&](int64_t i, uint64_t h) ABSL_NO_THREAD_SAFETY_ANALYSIS {
         if (!status.ok()) return;
         const int64_t key = e[i].key;
@@ -708,7 +720,7 @@ Status PushShard(SparseTable& t, Shard& sh, GroupedKey* e, int64_t k,
           if (v == 0) {
             const int64_t u = num_unique++;
             dedup[slot] = tag | static_cast<uint64_t>(u);
-            uniques[u] = UniqueRow{static_cast<uint32_t>(r), 1, e[i].pos, -1};
+            uniques[u] = UniqueRow{static_cast<uint32_t>(r), 1, i};
             return;
           }
           if ((v & 0xFFFFFFFF00000000ULL) == tag) break;
@@ -716,16 +728,7 @@ Status PushShard(SparseTable& t, Shard& sh, GroupedKey* e, int64_t k,
         }
         UniqueRow& ur = uniques[dedup[slot] & 0xFFFFFFFFu];
         if (ur.count < UINT32_MAX) ++ur.count;
-        const float* g = grads + e[i].pos * dim;
-        if (ur.acc < 0) {
-          ur.acc = num_acc++;
-          float* a = acc + ur.acc * dim;
-          const float* first = grads + ur.first_pos * dim;
-          for (int64_t j = 0; j < dim; ++j) a[j] = first[j] + g[j];
-        } else {
-          float* a = acc + ur.acc * dim;
-          for (int64_t j = 0; j < dim; ++j) a[j] += g[j];
-        }
+        AddFloats(g + ur.first * dim, g + i * dim, dim);
       });
   if (!status.ok()) return status;
 
@@ -741,11 +744,10 @@ Status PushShard(SparseTable& t, Shard& sh, GroupedKey* e, int64_t k,
       PrefetchBytes<true>(sh.arena.Row(next.row), row_bytes);
     }
     const UniqueRow& ur = uniques[u];
-    const float* g = ur.acc < 0 ? grads + ur.first_pos * dim : acc + ur.acc * dim;
     char* row = sh.arena.Row(ur.row);
     float* w = reinterpret_cast<float*>(row + value_offset);
     uint32_t* counters = t.Counters(row);
-    update(c, lr, g, w, w + dim, counters);
+    update(c, lr, g + ur.first * dim, w, w + dim, counters);
     if (c.track_usage) {
       uint32_t& freq = counters[c.frequency_counter()];
       freq = ur.count > UINT32_MAX - freq ? UINT32_MAX : freq + ur.count;
@@ -757,19 +759,22 @@ Status PushShard(SparseTable& t, Shard& sh, GroupedKey* e, int64_t k,
 
 template <typename Update>
 Status PushAll(OpKernelContext* ctx, SparseTable* table, const KeyGroups& g,
-               const float* grads, float lr, int64_t step, PushScratch& sc) {
+               float* grouped_grads, float lr, int64_t step, PushScratch& sc) {
   const int64_t dim = table->dim();
   return ForEachShard(ctx, g, table->num_shards(), 400 + 8 * dim, [&](int s) {
     const int64_t b = g.begin[s];
-    return PushShard<Update>(*table, table->shard(s), g.entries + b,
-                             g.begin[s + 1] - b, grads, lr, step, sc.uniques + b,
-                             sc.acc + b * dim, sc.dedup + sc.dedup_begin[s],
+    return PushShard<Update>(*table, table->shard(s), g.entries + b, g.begin[s + 1] - b,
+                             grouped_grads + b * dim, lr, step, sc.uniques + b,
+                             sc.dedup + sc.dedup_begin[s],
                              sc.dedup_begin[s + 1] - sc.dedup_begin[s]);
   });
 }
 
 }  // namespace
 
+// A push groups the keys by shard and copies their gradients into the same
+// order on the way (one sequential read of `grads`); each shard is then
+// handled by one task under its writer lock.
 template <>
 Status SparseTablePush<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable* table,
                                               const int64_t* keys, int64_t n,
@@ -786,11 +791,12 @@ Status SparseTablePush<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
   const size_t dedup_bound = 4 * static_cast<size_t>(n) + 16 * S;
   sparse_table::CallScratch scratch;
   TF_RETURN_IF_ERROR(scratch.Reserve(
-      ctx, sparse_table::GroupScratchBytes(n) + CallScratch::Round(n * sizeof(UniqueRow)) +
-               CallScratch::Round(n * dim * sizeof(float)) +
+      ctx, sparse_table::GroupScratchBytes(n) + CallScratch::Round(n * dim * sizeof(float)) +
+               CallScratch::Round(n * sizeof(UniqueRow)) +
                CallScratch::Round(dedup_bound * sizeof(uint64_t))));
+  float* grouped_grads = scratch.Take<float>(n * dim);
   KeyGroups g;
-  GroupKeysByShard(ctx, *table, keys, n, &scratch, &g);
+  GroupKeysByShard(ctx, *table, keys, n, &scratch, &g, grads, dim, grouped_grads);
 
   PushScratch sc;
   sc.dedup_begin.assign(S + 1, 0);
@@ -799,19 +805,18 @@ Status SparseTablePush<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
     sc.dedup_begin[s + 1] = sc.dedup_begin[s] + (k == 0 ? 0 : DedupSize(k));
   }
   sc.uniques = scratch.Take<UniqueRow>(n);
-  sc.acc = scratch.Take<float>(n * dim);  // only repeated keys' rows are touched
   sc.dedup = scratch.Take<uint64_t>(sc.dedup_begin[S]);
 
   using sparse_table::OptimizerKind;
   switch (table->config().optimizer) {
     case OptimizerKind::kSgd:
-      return PushAll<sparse_table::SgdUpdate>(ctx, table, g, grads, lr, step, sc);
+      return PushAll<sparse_table::SgdUpdate>(ctx, table, g, grouped_grads, lr, step, sc);
     case OptimizerKind::kAdagrad:
-      return PushAll<sparse_table::AdagradUpdate>(ctx, table, g, grads, lr, step, sc);
+      return PushAll<sparse_table::AdagradUpdate>(ctx, table, g, grouped_grads, lr, step, sc);
     case OptimizerKind::kAdam:
-      return PushAll<sparse_table::AdamUpdate>(ctx, table, g, grads, lr, step, sc);
+      return PushAll<sparse_table::AdamUpdate>(ctx, table, g, grouped_grads, lr, step, sc);
     case OptimizerKind::kFtrl:
-      return PushAll<sparse_table::FtrlUpdate>(ctx, table, g, grads, lr, step, sc);
+      return PushAll<sparse_table::FtrlUpdate>(ctx, table, g, grouped_grads, lr, step, sc);
   }
   return errors::Internal("SparseTablePush: unknown optimizer");
 }
