@@ -84,11 +84,17 @@ struct MaxOp {
 template <typename T, typename F>
 void ReduceRange(F f, const T* const* operands, int num_operands, int64_t begin,
                  int64_t end, bool average, int64_t divisor, T* dst) {
-  if (num_operands == 2 && !average) {
+  if (num_operands == 2) {
     // The common case (two processes): one pass, element-wise in place.
     const T* a0 = operands[0];
     const T* a1 = operands[1];
-    for (int64_t i = begin; i < end; ++i) dst[i] = f(a0[i], a1[i]);
+    if (!average) {
+      for (int64_t i = begin; i < end; ++i) dst[i] = f(a0[i], a1[i]);
+    } else {
+      // Integers truncate toward zero; divisor >= 1.
+      const T d = static_cast<T>(divisor);
+      for (int64_t i = begin; i < end; ++i) dst[i] = f(a0[i], a1[i]) / d;
+    }
     return;
   }
   constexpr int64_t kBlock = 2048;

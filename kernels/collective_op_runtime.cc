@@ -110,7 +110,7 @@ constexpr int64_t kMaxMessageBytes = int64_t{1} << 30;
 // Reduce-scatter pipeline: segment size range and segments in flight per
 // peer.
 constexpr int64_t kSegmentBytes = int64_t{1} << 20;
-constexpr int64_t kMinSegmentBytes = int64_t{64} << 10;
+constexpr int64_t kMinSegmentBytes = int64_t{512} << 10;
 constexpr int kSegmentsInFlight = 4;
 static_assert(kSegmentBytes <= kMaxMessageBytes, "a segment is one message");
 // Polling: spin (yielding the CPU) this long after the last progress, then
@@ -693,7 +693,10 @@ class AllreduceExecution : public Execution {
       if (dst_ != src_) AdviseHugePages(dst_, n_ * esize_);
     }
     // A function of (n, size) only: every rank must cut a chunk the same
-    // way. About four segments per chunk, 64 KiB to 1 MiB each.
+    // way. About four segments per chunk, 512 KiB to 1 MiB each: every
+    // segment is a rendezvous between two processes, and below 512 KiB
+    // the handshakes cost more than the overlap gains (a 1 MB allreduce of
+    // two processes is one segment per chunk).
     const int64_t seg_bytes = std::clamp<int64_t>(
         n_ * esize_ / (int64_t{size_} * 4), kMinSegmentBytes, kSegmentBytes);
     seg_ = std::max<int64_t>(1, seg_bytes / esize_);
@@ -703,6 +706,32 @@ class AllreduceExecution : public Execution {
       for (int64_t k = 0; k < nseg_; ++k) ReduceSegment(k, {});
       next_reduce_ = nseg_;
       return absl::OkStatus();
+    }
+    // Send every peer its chunk of this rank's data, segment by segment,
+    // before posting the receives: receiving a message that already
+    // arrived copies it on the spot (single-copy shared memory), and the
+    // peers can copy this rank's data meanwhile. Each rank starts with the
+    // next rank. Out of place, the peers' reduced segments may land in the
+    // output at once; in place, only once the region they overwrite went
+    // out.
+    sent_.assign(size_, {});
+    next_gather_.assign(size_, 0);
+    for (int i = 1; i < size_; ++i) {
+      const int q = (rank_ + i) % size_;
+      sent_[q].assign(Segments(q), false);
+      for (int64_t j = 0; j < Segments(q); ++j) {
+        TF_RETURN_IF_ERROR(Post(true, src_ + SegBegin(q, j) * esize_,
+                                SegLen(q, j) * esize_, q, kTagReduceScatter,
+                                kScatterSend, j));
+      }
+      if (dst_ != src_) {
+        for (int64_t j = 0; j < Segments(q); ++j) {
+          TF_RETURN_IF_ERROR(Post(false, dst_ + SegBegin(q, j) * esize_,
+                                  SegLen(q, j) * esize_, q, kTagAllgatherPhase,
+                                  kGather, j));
+        }
+        next_gather_[q] = Segments(q);
+      }
     }
     if (nseg_ > 0) {
       slot_elems_ = std::min(seg_, ChunkBegin(rank_ + 1) - c0_);
@@ -720,18 +749,6 @@ class AllreduceExecution : public Execution {
         TF_RETURN_IF_ERROR(PostSegmentReceives(k));
       }
     }
-    // Send every peer its chunk of this rank's data, segment by segment.
-    sent_.assign(size_, {});
-    next_gather_.assign(size_, 0);
-    for (int q = 0; q < size_; ++q) {
-      if (q == rank_) continue;
-      sent_[q].assign(Segments(q), false);
-      for (int64_t j = 0; j < Segments(q); ++j) {
-        TF_RETURN_IF_ERROR(Post(true, src_ + SegBegin(q, j) * esize_,
-                                SegLen(q, j) * esize_, q, kTagReduceScatter,
-                                kScatterSend, j));
-      }
-    }
     return absl::OkStatus();
   }
 
@@ -742,6 +759,7 @@ class AllreduceExecution : public Execution {
     if (info.kind == kScatterSend) {
       // The region went out: the peer's reduced segment may land there.
       const int q = info.peer;
+      if (dst_ != src_) return absl::OkStatus();  // already posted
       sent_[q][info.seg] = true;
       while (next_gather_[q] < Segments(q) && sent_[q][next_gather_[q]]) {
         const int64_t j = next_gather_[q]++;
@@ -1192,10 +1210,10 @@ void Engine::Run() {
 
 absl::Status Engine::WaitInit(std::vector<MPI_Request>* reqs,
                               const char* what) {
+  const auto start = Clock::now();
   const auto deadline =
-      Clock::now() +
-      std::chrono::duration_cast<Clock::duration>(
-          std::chrono::duration<double>(config_.timeout_seconds));
+      start + std::chrono::duration_cast<Clock::duration>(
+                  std::chrono::duration<double>(config_.timeout_seconds));
   while (true) {
     int flag = 0;
     TF_RETURN_IF_ERROR(
@@ -1203,14 +1221,22 @@ absl::Status Engine::WaitInit(std::vector<MPI_Request>* reqs,
                              &flag, MPI_STATUSES_IGNORE),
                  what));
     if (flag) return absl::OkStatus();
-    if (Clock::now() > deadline) {
+    const auto now = Clock::now();
+    if (now > deadline) {
       return absl::DeadlineExceededError(absl::StrCat(
           "hpc_ops: ", what,
           " did not complete within "
           "HPC_OPS_TIMEOUT_SECONDS=",
           config_.timeout_seconds, " s; is every process of the job running?"));
     }
-    std::this_thread::sleep_for(std::chrono::microseconds(100));
+    // A matched control message above the eager limit (a long list of
+    // requests) needs a few more polls: spin for those, sleep only when
+    // waiting for another process (initialisation).
+    if (now - start < kSpinWindow) {
+      sched_yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
   }
 }
 
