@@ -3,8 +3,10 @@
 Workload (bench_util.zipf_batches, the same as the peer measurements in
 /work/shared/reference/peers): batches of 65,536 int64 keys, Zipf s=1.1 over
 N ids hashed over int64. Every table first sees every batch once (steady
-state: lookups hit), then each variant is timed over the batches; median
-seconds per batch -> keys/s.
+state: lookups hit), then the variants take turns (--rounds times each over
+all batches, Python's garbage collector paused; each call's result is read
+back with .numpy(), as in the peer measurements); median seconds per
+batch -> keys/s.
 
   hpc_ops pull          tf.function(table.pull(keys))
   hpc_ops pull+push     tf.function: v = pull(keys); push(keys, C, lr), table
@@ -24,9 +26,10 @@ table takes 2e6 distinct keys, divided by the key count, next to the raw size
 key + row + slot (8 + 4*D*2 bytes).
 
   python benchmarks/bench_sparse_table.py            # N 1e6 and 1e7, D 8/16/64
-  python benchmarks/bench_sparse_table.py --quick    # N 1e6, D 16, 8 batches
+  python benchmarks/bench_sparse_table.py --quick    # N 1e6, D 16, 8 batches, 2 rounds
 """
 import argparse
+import gc
 import os
 import subprocess
 import sys
@@ -46,21 +49,31 @@ from hpc_ops import sparse_table  # noqa: E402
 ROWS = 1 << 20  # the peers' fixed Variable
 
 
-def rss_bytes():
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def time_batches(fn, batches, warm=2):
-  """Median seconds of fn(batch) over the batches (fn's result is read)."""
-  for b in batches[:warm]:
-    _block(fn(b))
-  times = []
-  for b in batches:
-    t0 = time.perf_counter()
-    _block(fn(b))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+def time_interleaved(fns, batches, rounds, warm=2):
+  """Median seconds per batch of each fn(batch) (its result is read back),
+  with the variants taking turns: each round runs every variant over all
+  batches, in an order rotated from round to round, so load changes on a
+  shared machine hit all of them alike. Python's garbage collector is
+  paused while timing (it would otherwise run at random points, in any
+  variant)."""
+  names = list(fns)
+  for name in names:
+    for b in batches[:warm]:
+      _block(fns[name](b))
+  times = {name: [] for name in names}
+  gc.collect()
+  gc.disable()
+  try:
+    for r in range(rounds):
+      for name in names[r % len(names):] + names[:r % len(names)]:
+        fn = fns[name]
+        for b in batches:
+          t0 = time.perf_counter()
+          _block(fn(b))
+          times[name].append(time.perf_counter() - t0)
+  finally:
+    gc.enable()
+  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def _block(r):
@@ -71,15 +84,14 @@ def _block(r):
       _block(x)
 
 
-def bench_ours(batches, dim, lr=0.01):
-  res = {}
+def ours(batches, dim, lr=0.01):
+  """hpc_ops variants: {op: fn}, and a check that the pushes changed rows."""
   table = hpc_ops.SparseTable(dim, optimizer="adagrad", initializer="uniform")
   for b in batches:
     table.pull(b)
   B = int(batches[0].shape[0])
   C = tf.random.normal([B, dim], stddev=1e-3, seed=1)
   pull = tf.function(lambda k: table.pull(k))
-  res["pull"] = time_batches(pull, batches)
 
   @tf.function
   def pull_push(k):
@@ -87,7 +99,6 @@ def bench_ours(batches, dim, lr=0.01):
     with tf.control_dependencies([v]):
       return table.push(k, C, lr)
 
-  res["pull+push"] = time_batches(pull_push, batches)
   trigger = tf.Variable(0.0)
 
   @tf.function
@@ -98,13 +109,15 @@ def bench_ours(batches, dim, lr=0.01):
     return tape.gradient(loss, trigger)
 
   probe = table.pull(batches[0][:2]).numpy()
-  res["tape step"] = time_batches(tape_step, batches)
-  assert np.abs(table.pull(batches[0][:2]).numpy() - probe).max() > 0, "no update"
-  return res
+
+  def check():
+    assert np.abs(table.pull(batches[0][:2]).numpy() - probe).max() > 0, "no update"
+
+  return {"pull": pull, "pull+push": pull_push, "tape step": tape_step}, check
 
 
-def bench_peer(method, batches, uniq, dim, lr=0.01):
-  res = {}
+def peer(method, batches, uniq, dim, lr=0.01):
+  """A TensorFlow-native peer: {op: fn} and a check that the steps changed W."""
   if method == "MHT":
     table = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=-1)
   elif method == "DHT":
@@ -122,7 +135,6 @@ def bench_peer(method, batches, uniq, dim, lr=0.01):
   C = tf.random.normal([B, dim], stddev=1e-3, seed=1)
   W = tf.Variable(tf.random.normal([ROWS, dim], stddev=0.01))
   lookup = tf.function(lambda k: tf.nn.embedding_lookup(W, index(k)))
-  res["pull"] = time_batches(lookup, batches)
   opt = tf.compat.v1.train.AdagradOptimizer(lr)
 
   @tf.function
@@ -134,8 +146,15 @@ def bench_peer(method, batches, uniq, dim, lr=0.01):
     with tf.control_dependencies([update]):
       return tf.identity(loss)
 
-  res["pull+push"] = time_batches(step, batches)
-  return res
+  def first_rows():  # eager: no second trace of `lookup`
+    return tf.nn.embedding_lookup(W, index(batches[0][:2])).numpy()
+
+  probe = first_rows()
+
+  def check():
+    assert np.abs(first_rows() - probe).max() > 0, "no update"
+
+  return {"pull": lookup, "pull+push": step}, check
 
 
 def bytes_per_key(dim, num_keys=2_000_000):
@@ -169,10 +188,12 @@ def main():
   ap.add_argument("--N", type=int, nargs="+", default=[1_000_000, 10_000_000])
   ap.add_argument("--dims", type=int, nargs="+", default=[8, 16, 64])
   ap.add_argument("--nbatches", type=int, default=20)
+  ap.add_argument("--rounds", type=int, default=3,
+                  help="turns each variant takes over the batches")
   ap.add_argument("--peers", nargs="*", default=["MHT", "DHT", "mod"])
   args = ap.parse_args()
   if args.quick:
-    args.N, args.dims, args.nbatches = [1_000_000], [16], 8
+    args.N, args.dims, args.nbatches, args.rounds = [1_000_000], [16], 8, 2
   alloc = bench_util.allocator_name()
   print("tf %s, %d CPUs, allocator %s, %s, load average %.1f" % (
       tf.__version__, os.cpu_count(), alloc, time.strftime("%Y-%m-%d %H:%M"),
@@ -184,9 +205,20 @@ def main():
     batches = [tf.constant(k) for k in keys_np]
     uniq = np.unique(keys_np)
     for D in args.dims:
-      results = {"hpc_ops": bench_ours(batches, D)}
+      variants, checks = {}, []
+      fns, check = ours(batches, D)
+      variants.update({("hpc_ops", op): fn for op, fn in fns.items()})
+      checks.append(check)
       for m in args.peers:
-        results[m] = bench_peer(m, batches, uniq, D)
+        fns, check = peer(m, batches, uniq, D)
+        variants.update({(m, op): fn for op, fn in fns.items()})
+        checks.append(check)
+      medians = time_interleaved(variants, batches, args.rounds)
+      for check in checks:
+        check()
+      results = {}
+      for (name, op), sec in medians.items():
+        results.setdefault(name, {})[op] = sec
       mht = results.get("MHT", {})
       mod = results.get("mod", {})
       for name, r in results.items():

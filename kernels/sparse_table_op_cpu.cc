@@ -365,6 +365,19 @@ AllShardsLock::~AllShardsLock() {
 // ---------------------------------------------------------------------------
 // Grouping by shard
 
+// Copies one row of floats inline (a libc call per row costs more than the
+// copy for the usual widths).
+inline void CopyFloats(float* dst, const float* src, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX__)
+  for (; j + 8 <= n; j += 8) {
+    _mm256_storeu_ps(dst + j, _mm256_loadu_ps(src + j));
+  }
+#endif
+  for (; j < n; ++j) dst[j] = src[j];
+}
+
+
 absl::Status CallScratch::Reserve(OpKernelContext* ctx, size_t bytes) {
   used_ = 0;
   if (bytes > kReusedBytes) {
@@ -441,7 +454,7 @@ void GroupKeysByShard(OpKernelContext* ctx, const SparseTable& table,
       e.key = keys[i];
       e.pos = i;
       if (grouped_rows != nullptr) {
-        std::memcpy(grouped_rows + at * dim, rows + i * dim, dim * sizeof(float));
+        CopyFloats(grouped_rows + at * dim, rows + i * dim, dim);
       }
     }
   });
@@ -462,6 +475,7 @@ using sparse_table::GroupedKey;
 using sparse_table::KeyGroups;
 using sparse_table::KeyHash;
 using sparse_table::Shard;
+using sparse_table::CopyFloats;
 using sparse_table::SparseTable;
 
 namespace {
@@ -510,18 +524,6 @@ void ForEachKeyPrefetched(const Shard& sh, const GroupedKey* e, int64_t k,
     if (i + kRowAhead < k) row_stage(i + kRowAhead);
     fn(i, hashes[i & (kRing - 1)]);
   }
-}
-
-// Copies one row of floats inline (a libc call per row costs more than the
-// copy for the usual widths).
-inline void CopyFloats(float* dst, const float* src, int64_t n) {
-  int64_t j = 0;
-#if defined(__AVX__)
-  for (; j + 8 <= n; j += 8) {
-    _mm256_storeu_ps(dst + j, _mm256_loadu_ps(src + j));
-  }
-#endif
-  for (; j < n; ++j) dst[j] = src[j];
 }
 
 Status PullShard(const SparseTable& t, Shard& sh, GroupedKey* e, int64_t k,
