@@ -247,6 +247,29 @@ def test_duplicates_are_summed_before_one_update():
   np.testing.assert_allclose(w[0], -g / np.sqrt(1.0 + g * g), rtol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_large_push_sums_duplicates_in_batch_order_bit_exactly(mode):
+  """A batch big enough to be grouped by several threads, with Zipf-like
+  repeats spread over every shard and a width with a vector part and a
+  tail: each key's gradient sum is the float32 sum in batch order, to the
+  last bit (SGD from zeros, lr 1: the row is minus that sum)."""
+  dim = 19
+  t = table(dim=dim, optimizer="sgd", initializer="zeros", num_shards=16)
+  rng = np.random.default_rng(7)
+  ranks = np.minimum(rng.zipf(1.3, size=40000), 5000).astype(np.int64)
+  keys = ranks * np.int64(0x9E3779B97F4A7C1)
+  grads = rng.normal(size=(len(keys), dim)).astype(np.float32)
+  push = tf.function(t.push) if mode == "function" else t.push
+  push(tf.constant(keys), tf.constant(grads), tf.constant(1.0))
+  want = {}
+  for k, g in zip(keys.tolist(), grads):
+    want[k] = g.copy() if k not in want else want[k] + g  # float32, in order
+  k1, w1, _, _, _ = snapshot(t)
+  assert len(k1) == len(want)
+  expected = -np.stack([want[k] for k in k1.tolist()])
+  np.testing.assert_array_equal(w1, expected)
+
+
 def test_push_creates_missing_rows_from_their_initial_value():
   t = table(dim=3, optimizer="sgd", seed=8)
   init = table(dim=3, seed=8).pull([42]).numpy()
