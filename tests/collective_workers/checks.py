@@ -91,14 +91,22 @@ def check_allreduce_function(dtype):
 
 
 def check_large():
-  # Several pipeline segments per rank (1 MiB each), unfused and in place.
-  for dtype, n, op in [(tf.float32, 3_000_017, "sum"),
-                       (tf.float64, 700_001, "average"),
-                       (tf.bfloat16, 600_001, "max"),
-                       (tf.int64, 500_003, "min")]:
+  # Several pipeline segments per rank (512 KiB to 1 MiB each), unfused, in
+  # place (the input is forwarded to the output) and out of place (the
+  # caller keeps the input: the peers' results land in the output while
+  # this rank's data is still being sent from the input).
+  for dtype, n, op, in_place in [(tf.float32, 3_000_017, "sum", True),
+                                 (tf.float32, 3_000_017, "sum", False),
+                                 (tf.float64, 700_001, "average", True),
+                                 (tf.bfloat16, 600_001, "max", True),
+                                 (tf.int64, 500_003, "min", True),
+                                 (tf.int64, 500_003, "min", False)]:
     x = rank_tensor(R, dtype, (n,), op, salt=2)
-    y = hd.allreduce(x * 1, op=op, name="large.%s" % dtype.name)
+    before = as_f64(x)
+    y = hd.allreduce(x * 1 if in_place else x, op=op,
+                     name="large.%s.%s" % (dtype.name, in_place))
     np.testing.assert_array_equal(as_f64(y), reference(dtype, (n,), op, 2))
+    np.testing.assert_array_equal(as_f64(x), before)  # the input is intact
 
 
 def check_nan_propagates():
