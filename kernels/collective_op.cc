@@ -7,11 +7,13 @@
 #include "kernels/collective_op.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/collective_op_runtime.h"
@@ -279,6 +281,70 @@ class HpcAllreduceOp : public CollectiveOpKernel {
   ReduceOp op_ = ReduceOp::kSum;
 };
 
+// N allreduces handed to the runtime together; `done` runs once, after the
+// last of them completed (the runtime reports errors on the shared context).
+class HpcGroupedAllreduceOp : public CollectiveOpKernel {
+ public:
+  explicit HpcGroupedAllreduceOp(OpKernelConstruction* ctx)
+      : CollectiveOpKernel(ctx) {
+    std::string op;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("reduce_op", &op));
+    if (op == "sum") {
+      op_ = ReduceOp::kSum;
+    } else if (op == "average") {
+      op_ = ReduceOp::kAverage;
+    } else {
+      ctx->CtxFailure(InvalidArgument(
+          "HpcGroupedAllreduce: reduce_op must be sum or average; got '", op,
+          "'"));
+    }
+  }
+
+  void ComputeAsync(OpKernelContext* ctx, DoneCallback done) override {
+    OP_REQUIRES_OK_ASYNC(ctx, collective::EnsureInitialized(), done);
+    const int n = ctx->num_inputs();
+    for (int i = 0; i < n; ++i) {
+      const Tensor& input = ctx->input(i);
+      OP_REQUIRES_ASYNC(
+          ctx, SizeFits(input),
+          InvalidArgument("HpcGroupedAllreduce: tensors[", i, "] of shape ",
+                          input.shape().DebugString(),
+                          " is too large: its size as 8-byte elements must "
+                          "fit in int64"),
+          done);
+    }
+    std::vector<Tensor> outputs(n);
+    for (int i = 0; i < n; ++i) {
+      Tensor* output = nullptr;
+      OP_REQUIRES_OK_ASYNC(ctx,
+                           ctx->forward_input_or_allocate_output(
+                               {i}, i, ctx->input(i).shape(), &output),
+                           done);
+      outputs[i] = *output;
+    }
+    struct Group {
+      std::atomic<int> pending;
+      DoneCallback done;
+    };
+    auto group = std::make_shared<Group>();
+    group->pending.store(n);
+    group->done = std::move(done);
+    for (int i = 0; i < n; ++i) {
+      auto r = NewRequest(ctx, OpType::kAllreduce, [group] {
+        if (group->pending.fetch_sub(1) == 1) group->done();
+      });
+      r->name = absl::StrCat(r->name, "/", i);
+      r->input = ctx->input(i);
+      r->output = outputs[i];
+      r->reduce_op = op_;
+      collective::Enqueue(std::move(r));
+    }
+  }
+
+ private:
+  ReduceOp op_ = ReduceOp::kSum;
+};
+
 class HpcBroadcastOp : public CollectiveOpKernel {
  public:
   explicit HpcBroadcastOp(OpKernelConstruction* ctx) : CollectiveOpKernel(ctx) {
@@ -372,6 +438,10 @@ class ProcessInfoOp : public OpKernel {
                               .Device(tensorflow::DEVICE_CPU) \
                               .TypeConstraint<T>("T"),        \
                           HpcAllreduceOp);                    \
+  REGISTER_KERNEL_BUILDER(Name("HpcGroupedAllreduce")         \
+                              .Device(tensorflow::DEVICE_CPU) \
+                              .TypeConstraint<T>("T"),        \
+                          HpcGroupedAllreduceOp);             \
   REGISTER_KERNEL_BUILDER(Name("HpcBroadcast")                \
                               .Device(tensorflow::DEVICE_CPU) \
                               .TypeConstraint<T>("T"),        \

@@ -55,6 +55,31 @@ reduced: reduce_op over the processes' tensors: sum, average (the sum divided
   reduced, and rounded back once.
 )doc") + kTensorNameDoc);
 
+REGISTER_OP("HpcGroupedAllreduce")
+    .Input("tensors: N * T")
+    .Output("reduced: N * T")
+    .Attr("N: int >= 1")
+    .Attr("T: {int32, int64, half, bfloat16, float, double}")
+    .Attr("reduce_op: {'sum', 'average'} = 'sum'")
+    .Attr("tensor_name: string = ''")
+    .Attr("function_name: string = ''")
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      for (int i = 0; i < c->num_inputs(); ++i) c->set_output(i, c->input(i));
+      return absl::OkStatus();
+    })
+    .Doc(std::string(R"doc(
+HpcAllreduce of N tensors of one type in one kernel: the tensors are handed
+to the runtime together (and fused when they fit the fusion buffer), and the
+op completes once, when all of them are reduced. For many small tensors,
+such as a model's gradients, this saves TensorFlow's per-kernel scheduling
+and completion cost. Tensor i is matched across processes under the name
+`<name>/i`.
+
+tensors: N tensors, each the same shape on every process.
+reduced: The sums (or averages) of the processes' tensors, bit-identical to
+  HpcAllreduce's.
+)doc") + kTensorNameDoc);
+
 REGISTER_OP("HpcBroadcast")
     .Input("tensor: T")
     .Output("broadcast: T")

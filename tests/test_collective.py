@@ -363,7 +363,7 @@ CHECKS = ["process_info"] + [
     "allreduce_%s_%s" % (mode, d.name) for d in DTYPES
     for mode in ("eager", "function")] + [
     "large", "nan_propagates", "broadcast", "allgather", "out_of_order",
-    "concurrent_functions", "fusion", "mismatch_errors", "bad_inputs", "gradients"]
+    "concurrent_functions", "fusion", "grouped_allreduce", "mismatch_errors", "bad_inputs", "gradients"]
 TRAINING_CHECKS = ["broadcast_variables", "gradient_tape", "keras_fit",
                    "keras_fit_eager"]
 # Generous fusion window: the fusion check must not depend on how busy the

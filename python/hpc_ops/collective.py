@@ -157,6 +157,47 @@ def allreduce(tensor, op="average", name=None):
                reduce_op=_check_op(op))
 
 
+def grouped_allreduce(tensors, op="average", name=None):
+  """allreduce() of a list of tensors in one op per dtype: the tensors are
+  handed to MPI together (fused when they fit the fusion buffer) and
+  TensorFlow schedules and completes one kernel instead of one per tensor,
+  which matters for many small tensors (a model's gradients).
+
+  Args:
+    tensors: a list of tensors of the allreduce types (shapes and dtypes may
+      differ from one entry to the next; each must be the same on every
+      process).
+    op: "average" (default) or "sum"; other reductions fall back to one
+      allreduce() per tensor.
+    name: the matching name in eager mode (entries of the k-th dtype group
+      use "<name>.<k>/<i>"); in graph mode the op's name.
+  Returns:
+    The list of reduced tensors, in order.
+  """
+  tensors = [tf.convert_to_tensor(t) for t in tensors]
+  if op not in ("sum", "average"):
+    return [allreduce(t, op, name=None if name is None else
+                      "%s.%d" % (name, i)) for i, t in enumerate(tensors)]
+  groups = {}
+  for i, t in enumerate(tensors):
+    groups.setdefault(t.dtype, []).append(i)
+  out = [None] * len(tensors)
+  for k, (dtype, index) in enumerate(groups.items()):
+    members = [tensors[i] for i in index]
+    if tf.executing_eagerly():
+      reduced = gen_collective_ops.hpc_grouped_allreduce(
+          members, reduce_op=op,
+          tensor_name="%s.%d" % (name or "grouped_allreduce", k))
+    else:
+      function_name = _function_name(tf.compat.v1.get_default_graph())
+      reduced = gen_collective_ops.hpc_grouped_allreduce(
+          members, reduce_op=op, function_name=function_name,
+          name=None if name is None else "%s.%d" % (name, k))
+    for i, r in zip(index, reduced, strict=True):
+      out[i] = r
+  return out
+
+
 def broadcast(tensor, root_rank=0, name=None):
   """Returns the `root_rank` process's `tensor` on every process (same shape
   and type everywhere)."""
@@ -214,6 +255,23 @@ def _allreduce_grad(op, grad):
   others = (tf.math.cumprod(xs, axis=0, exclusive=True) *
             tf.math.cumprod(xs, axis=0, exclusive=True, reverse=True))
   return total * tf.gather(others, gen_collective_ops.hpc_rank())
+
+
+@tf.RegisterGradient("HpcGroupedAllreduce")
+def _grouped_allreduce_grad(op, *grads):
+  """The same grouped allreduce of the gradients (zeros for outputs that
+  received none)."""
+  reduce_op = op.get_attr("reduce_op")
+  if isinstance(reduce_op, bytes):
+    reduce_op = reduce_op.decode()
+  grads = [tf.zeros_like(y) if g is None else _dense(g)
+           for g, y in zip(grads, op.outputs, strict=True)]
+  if tf.executing_eagerly():
+    return gen_collective_ops.hpc_grouped_allreduce(
+        grads, reduce_op=reduce_op, tensor_name=_grad_name(op, "grad"))
+  function_name = _function_name(tf.compat.v1.get_default_graph())
+  return gen_collective_ops.hpc_grouped_allreduce(
+      grads, reduce_op=reduce_op, function_name=function_name)
 
 
 @tf.RegisterGradient("HpcBroadcast")

@@ -28,6 +28,7 @@ import tensorflow as tf
 
 __all__ = [
     "init", "shutdown", "rank", "size", "local_rank", "allreduce",
+    "grouped_allreduce",
     "broadcast", "allgather", "broadcast_variables", "DistributedGradientTape",
     "DistributedOptimizer",
     "BroadcastGlobalVariablesCallback",  # noqa: F822 (module __getattr__)
@@ -85,6 +86,25 @@ def allreduce(tensor, op="average", name=None):
   return ops.allreduce(tensor, op=op, name=name)
 
 
+def grouped_allreduce(tensors, op="average", name=None):
+  """allreduce() of a list of tensors, one op per dtype (see
+  hpc_ops.collective.grouped_allreduce); IndexedSlices entries are gathered
+  as allreduce() does."""
+  tensors = list(tensors)
+  dense = [i for i, t in enumerate(tensors)
+           if not isinstance(t, tf.IndexedSlices)]
+  out = list(tensors)
+  reduced = _ops().grouped_allreduce([tensors[i] for i in dense], op=op,
+                                     name=name)
+  for i, r in zip(dense, reduced, strict=True):
+    out[i] = r
+  for i, t in enumerate(tensors):
+    if isinstance(t, tf.IndexedSlices):
+      out[i] = allreduce(t, op=op, name=None if name is None else
+                         "%s.slices%d" % (name, i))
+  return out
+
+
 def broadcast(tensor, root_rank=0, name=None):
   """The `root_rank` process's `tensor`, on every process."""
   return _ops().broadcast(tensor, root_rank=root_rank, name=name)
@@ -138,10 +158,13 @@ def broadcast_variables(variables, root_rank=0):
   return tf.group(*updates)
 
 
-def _reduce_one(grad, op, sparse_as_dense):
-  if isinstance(grad, tf.IndexedSlices) and sparse_as_dense:
-    grad = tf.convert_to_tensor(grad)
-  return allreduce(grad, op=op)
+def _reduce_all(grads, op, sparse_as_dense):
+  """One grouped allreduce per dtype for the dense gradients (one kernel
+  instead of one per variable); IndexedSlices are gathered."""
+  if sparse_as_dense:
+    grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+             for g in grads]
+  return grouped_allreduce(grads, op=op)
 
 
 _eager_reducers = {}
@@ -160,7 +183,7 @@ def _allreduce_gradients(grads, op, sparse_as_dense):
     if key not in _eager_reducers:
 
       def reduce_gradients(vs):
-        return [_reduce_one(v, op, sparse_as_dense) for v in vs]
+        return _reduce_all(vs, op, sparse_as_dense)
 
       # The function's name is part of its collectives' names: one per key,
       # so that two tapes with different settings never mix.
@@ -170,7 +193,7 @@ def _allreduce_gradients(grads, op, sparse_as_dense):
                                          reduce_retracing=True)
     reduced = _eager_reducers[key](values)
   else:
-    reduced = [_reduce_one(v, op, sparse_as_dense) for v in values]
+    reduced = _reduce_all(values, op, sparse_as_dense)
   out = list(grads)
   for i, r in zip(index, reduced, strict=True):
     out[i] = r

@@ -261,6 +261,44 @@ def check_fusion():
         as_f64(y), reference(dtypes[i % 4], (4096,), "sum", 100 + i))
 
 
+def check_grouped_allreduce():
+  # Every dtype, mixed shapes (empty and scalar included), sum and average,
+  # eager and in tf.function: the same results as HpcAllreduce, and 64 small
+  # tensors fused into fewer operations with one kernel per dtype.
+  for op in ("sum", "average"):
+    cases = [(d, shape) for d in DTYPES for shape in SHAPES]
+    xs = [rank_tensor(R, d, shape, op, salt=200 + i)
+          for i, (d, shape) in enumerate(cases)]
+    eager = hd.grouped_allreduce(xs, op=op, name="grouped." + op)
+    traced = tf.function(lambda v, op=op: hd.grouped_allreduce(v, op=op))(xs)
+    for ys in (eager, traced):
+      assert len(ys) == len(xs)
+      for i, (y, (d, shape)) in enumerate(zip(ys, cases, strict=True)):
+        assert y.dtype == d and y.shape == shape, (y.dtype, y.shape, d, shape)
+        np.testing.assert_array_equal(
+            as_f64(y), reference(d, shape, op, 200 + i),
+            err_msg="%s %s %s" % (op, d.name, shape))
+
+  @tf.function
+  def many(v):
+    return hd.grouped_allreduce(v, op="sum")
+
+  xs = [rank_tensor(R, tf.float32, (4096,), "sum", salt=300 + i)
+        for i in range(64)]
+  many(xs)  # trace
+  kernels = [n for n in many.get_concrete_function(xs).graph.as_graph_def().node
+             if n.op.startswith("Hpc")]
+  assert [n.op for n in kernels] == ["HpcGroupedAllreduce"], kernels
+  before = coll.stats()
+  ys = many(xs)
+  after = coll.stats()
+  assert after["tensors"] - before["tensors"] == 64, (before, after)
+  assert after["operations"] - before["operations"] < 64, (before, after)
+  for i, y in enumerate(ys):
+    np.testing.assert_array_equal(as_f64(y),
+                                  reference(tf.float32, (4096,), "sum", 300 + i))
+
+
 def check_mismatch_errors():
   F = tf.errors.FailedPreconditionError
   other = "on rank 1"  # the first rank that disagrees with rank 0
@@ -365,6 +403,8 @@ def check_gradients():
     xx = rng.uniform(0.5, 1.5, size=(2, 3)) if op == "product" else x
     fd_check(op, lambda v, op=op: coll.allreduce(v, op, name="fd.ar." + op),
              xx, w)
+  fd_check("grouped", lambda v: tf.add_n(coll.grouped_allreduce(
+      [v, 3 * v], "average", name="fd.grouped")), x, w)
   fd_check("bcast", lambda v: coll.broadcast(v, P - 1, name="fd.bcast"), x, w)
   rows = R + 1
   xg = rng.normal(size=(rows, 2))
@@ -490,6 +530,7 @@ def main():
   checks.run("out_of_order", check_out_of_order)
   checks.run("concurrent_functions", check_concurrent_functions)
   checks.run("fusion", check_fusion)
+  checks.run("grouped_allreduce", check_grouped_allreduce)
   checks.run("mismatch_errors", check_mismatch_errors)
   checks.run("bad_inputs", check_bad_inputs)
   checks.run("gradients", check_gradients)

@@ -1,4 +1,5 @@
-"""Fuzz spec for the collective family: HpcAllreduce, HpcBroadcast,
+"""Fuzz spec for the collective family: HpcAllreduce, HpcGroupedAllreduce,
+HpcBroadcast,
 HpcAllgather, HpcRank, HpcSize, HpcLocalRank.
 
 The fuzzer runs as one process (a job of size 1), so a well-formed call
@@ -63,6 +64,19 @@ def _allreduce_case(draw):
 
 
 @st.composite
+def _grouped_allreduce_case(draw):
+  """Three tensors (the spec's output count), usually of one type."""
+  xs = [draw(_tensor()) for _ in range(3)]
+  if draw(st.integers(0, 3)):
+    xs = [tf.cast(x, xs[0].dtype) if x.dtype in _KERNEL_TYPES else x
+          for x in xs]
+  reduce_op = draw(st.sampled_from(["sum", "average"] + _REDUCE_OPS[2:] +
+                                   _BAD_REDUCE_OPS[:3]))
+  return xs, ("N", 3, "T", _type_attr(draw, xs[0]), "reduce_op", reduce_op,
+              "tensor_name", _name(draw))
+
+
+@st.composite
 def _broadcast_case(draw):
   x = draw(_tensor())
   return [x], ("T", _type_attr(draw, x), "root_rank",
@@ -94,6 +108,8 @@ def _load():
 
 SPECS = [
     OpSpec("HpcAllreduce", _allreduce_case(), num_outputs=1, setup=_load),
+    OpSpec("HpcGroupedAllreduce", _grouped_allreduce_case(), num_outputs=3,
+           setup=_load),
     OpSpec("HpcBroadcast", _broadcast_case(), num_outputs=1, setup=_load),
     OpSpec("HpcAllgather", _allgather_case(), num_outputs=1, setup=_load),
     OpSpec("HpcRank", _info_case(), num_outputs=1, setup=_load),
