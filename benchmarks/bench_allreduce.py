@@ -112,16 +112,21 @@ def worker_hpc_ops(sizes, quick):
   big = tf.fill([1 << 18], float(r + 1))
   many = tf.function(lambda v: tf.stack(
       [coll.allreduce(t, "sum") for t in tf.unstack(v)]))
+  grouped = tf.function(lambda v: tf.stack(
+      coll.grouped_allreduce(tf.unstack(v), "sum")))
   single = tf.function(lambda v: coll.allreduce(v, "sum"))
   many(small)
+  grouped(small)
   before = coll.stats()
   t_many = block_median(lambda: many(small), blocks, calls)
   after = coll.stats()
+  t_grouped = block_median(lambda: grouped(small), blocks, calls)
   t_single = block_median(lambda: single(big), blocks, calls)
   fused = (after["tensors"] - before["tensors"]) / max(
       1, after["operations"] - before["operations"])
   emit(r, peer="hpc_ops_64x16KB", bytes=1 << 20, seconds=t_many,
        tensors_per_operation=fused)
+  emit(r, peer="hpc_ops_64x16KB_grouped", bytes=1 << 20, seconds=t_grouped)
   emit(r, peer="hpc_ops_1x1MB", bytes=1 << 20, seconds=t_single)
 
 
@@ -339,13 +344,17 @@ def main():
        "mpi4py", "bw vs mpi4py", "chained bw vs mpi4py", "Horovod",
        "speedup vs Horovod", "TF collective", "speedup vs TF"], rows)
   many = by.get(("hpc_ops_64x16KB", 1 << 20))
+  in_one = t("hpc_ops_64x16KB_grouped", 1 << 20)
   single = t("hpc_ops_1x1MB", 1 << 20)
-  if many and single:
+  if many and single and in_one:
     bench_util.print_table(
         "64 tensors of 16 KB issued together vs one 1 MB tensor (%s)" % label,
-        ["64 x 16 KB", "1 x 1 MB", "ratio", "tensors per fused operation"],
-        [[cell(many["seconds"]), cell(single),
+        ["64 x allreduce(16 KB)", "grouped_allreduce(64 x 16 KB)",
+         "1 x 1 MB", "ratio, 64 ops", "ratio, grouped",
+         "tensors per fused operation (64 ops)"],
+        [[cell(many["seconds"]), cell(in_one), cell(single),
           "%.2fx" % (many["seconds"] / single),
+          "%.2fx" % (in_one / single),
           "%.1f" % many["tensors_per_operation"]]])
   if setting == "default":
     bench_util.run_under_both_allocators()
