@@ -232,27 +232,36 @@ class CollectiveOpKernel : public AsyncOpKernel {
   std::string tensor_name_;
 };
 
+// The reduce_op attr (every reduction, or only sum and average).
+absl::Status ParseReduceOp(OpKernelConstruction* ctx, const char* kernel,
+                           bool all_ops, ReduceOp* out) {
+  std::string op;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("reduce_op", &op));
+  static constexpr struct {
+    const char* name;
+    ReduceOp op;
+  } kOps[] = {{"sum", ReduceOp::kSum},
+              {"average", ReduceOp::kAverage},
+              {"min", ReduceOp::kMin},
+              {"max", ReduceOp::kMax},
+              {"product", ReduceOp::kProduct}};
+  const int known = all_ops ? 5 : 2;
+  for (int i = 0; i < known; ++i) {
+    if (op == kOps[i].name) {
+      *out = kOps[i].op;
+      return absl::OkStatus();
+    }
+  }
+  return InvalidArgument(kernel, ": reduce_op must be one of ",
+                         all_ops ? "sum, average, min, max, product"
+                                 : "sum, average",
+                         "; got '", op, "'");
+}
+
 class HpcAllreduceOp : public CollectiveOpKernel {
  public:
   explicit HpcAllreduceOp(OpKernelConstruction* ctx) : CollectiveOpKernel(ctx) {
-    std::string op;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("reduce_op", &op));
-    if (op == "sum") {
-      op_ = ReduceOp::kSum;
-    } else if (op == "average") {
-      op_ = ReduceOp::kAverage;
-    } else if (op == "min") {
-      op_ = ReduceOp::kMin;
-    } else if (op == "max") {
-      op_ = ReduceOp::kMax;
-    } else if (op == "product") {
-      op_ = ReduceOp::kProduct;
-    } else {
-      ctx->CtxFailure(InvalidArgument(
-          "HpcAllreduce: reduce_op must be one of sum, average, min, max, "
-          "product; got '",
-          op, "'"));
-    }
+    OP_REQUIRES_OK(ctx, ParseReduceOp(ctx, "HpcAllreduce", /*all_ops=*/true, &op_));
   }
 
   void ComputeAsync(OpKernelContext* ctx, DoneCallback done) override {
@@ -287,17 +296,8 @@ class HpcGroupedAllreduceOp : public CollectiveOpKernel {
  public:
   explicit HpcGroupedAllreduceOp(OpKernelConstruction* ctx)
       : CollectiveOpKernel(ctx) {
-    std::string op;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("reduce_op", &op));
-    if (op == "sum") {
-      op_ = ReduceOp::kSum;
-    } else if (op == "average") {
-      op_ = ReduceOp::kAverage;
-    } else {
-      ctx->CtxFailure(InvalidArgument(
-          "HpcGroupedAllreduce: reduce_op must be sum or average; got '", op,
-          "'"));
-    }
+    OP_REQUIRES_OK(ctx, ParseReduceOp(ctx, "HpcGroupedAllreduce",
+                                      /*all_ops=*/false, &op_));
   }
 
   void ComputeAsync(OpKernelContext* ctx, DoneCallback done) override {
