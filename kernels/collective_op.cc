@@ -213,20 +213,30 @@ class CollectiveOpKernel : public AsyncOpKernel {
   }
 
  protected:
+  // A request for input `index`, matched under the op's name.
   std::unique_ptr<Request> NewRequest(OpKernelContext* ctx, OpType op,
-                                      DoneCallback done) const {
+                                      DoneCallback done, int index = 0) const {
     auto r = std::make_unique<Request>();
     r->op = op;
     r->name = tensor_name_;
     r->ctx = ctx;
-    r->input = ctx->input(0);
+    r->input = ctx->input(index);
     r->done = std::move(done);
     return r;
   }
 
-  // Rejects tensors whose byte size (as float64/int64) would overflow.
-  static bool SizeFits(const Tensor& t) {
-    return tensorflow::MultiplyWithoutOverflow(t.NumElements(), 8) >= 0;
+  // Rejects tensors whose byte size (as float64/int64) would overflow. The
+  // input is named "tensor", or "tensors[index]" for a list input.
+  static absl::Status CheckSize(const char* op, const Tensor& t,
+                                int index = -1) {
+    if (tensorflow::MultiplyWithoutOverflow(t.NumElements(), 8) >= 0) {
+      return absl::OkStatus();
+    }
+    const std::string what =
+        index < 0 ? "tensor" : absl::StrCat("tensors[", index, "]");
+    return InvalidArgument(op, ": ", what, " of shape ", t.shape().DebugString(),
+                           " is too large: its size as 8-byte elements must "
+                           "fit in int64");
   }
 
   std::string tensor_name_;
@@ -267,13 +277,7 @@ class HpcAllreduceOp : public CollectiveOpKernel {
   void ComputeAsync(OpKernelContext* ctx, DoneCallback done) override {
     OP_REQUIRES_OK_ASYNC(ctx, collective::EnsureInitialized(), done);
     const Tensor& input = ctx->input(0);
-    OP_REQUIRES_ASYNC(
-        ctx, SizeFits(input),
-        InvalidArgument("HpcAllreduce: tensor of shape ",
-                        input.shape().DebugString(),
-                        " is too large: its size as 8-byte elements must "
-                        "fit in int64"),
-        done);
+    OP_REQUIRES_OK_ASYNC(ctx, CheckSize("HpcAllreduce", input), done);
     Tensor* output = nullptr;
     // Reduce in place when nothing else holds the input.
     OP_REQUIRES_OK_ASYNC(
@@ -304,14 +308,8 @@ class HpcGroupedAllreduceOp : public CollectiveOpKernel {
     OP_REQUIRES_OK_ASYNC(ctx, collective::EnsureInitialized(), done);
     const int n = ctx->num_inputs();
     for (int i = 0; i < n; ++i) {
-      const Tensor& input = ctx->input(i);
-      OP_REQUIRES_ASYNC(
-          ctx, SizeFits(input),
-          InvalidArgument("HpcGroupedAllreduce: tensors[", i, "] of shape ",
-                          input.shape().DebugString(),
-                          " is too large: its size as 8-byte elements must "
-                          "fit in int64"),
-          done);
+      OP_REQUIRES_OK_ASYNC(
+          ctx, CheckSize("HpcGroupedAllreduce", ctx->input(i), i), done);
     }
     std::vector<Tensor> outputs(n);
     for (int i = 0; i < n; ++i) {
@@ -330,11 +328,13 @@ class HpcGroupedAllreduceOp : public CollectiveOpKernel {
     group->pending.store(n);
     group->done = std::move(done);
     for (int i = 0; i < n; ++i) {
-      auto r = NewRequest(ctx, OpType::kAllreduce, [group] {
-        if (group->pending.fetch_sub(1) == 1) group->done();
-      });
+      auto r = NewRequest(
+          ctx, OpType::kAllreduce,
+          [group] {
+            if (group->pending.fetch_sub(1) == 1) group->done();
+          },
+          i);
       r->name = absl::StrCat(r->name, "/", i);
-      r->input = ctx->input(i);
       r->output = outputs[i];
       r->reduce_op = op_;
       collective::Enqueue(std::move(r));
@@ -362,13 +362,7 @@ class HpcBroadcastOp : public CollectiveOpKernel {
                                       collective::Size(), " process(es)"),
                       done);
     const Tensor& input = ctx->input(0);
-    OP_REQUIRES_ASYNC(
-        ctx, SizeFits(input),
-        InvalidArgument("HpcBroadcast: tensor of shape ",
-                        input.shape().DebugString(),
-                        " is too large: its size as 8-byte elements must "
-                        "fit in int64"),
-        done);
+    OP_REQUIRES_OK_ASYNC(ctx, CheckSize("HpcBroadcast", input), done);
     Tensor* output = nullptr;
     OP_REQUIRES_OK_ASYNC(
         ctx,
@@ -406,13 +400,7 @@ class HpcAllgatherOp : public CollectiveOpKernel {
             "along dimension 0), got shape ",
             input.shape().DebugString()),
         done);
-    OP_REQUIRES_ASYNC(
-        ctx, SizeFits(input),
-        InvalidArgument("HpcAllgather: tensor of shape ",
-                        input.shape().DebugString(),
-                        " is too large: its size as 8-byte elements must "
-                        "fit in int64"),
-        done);
+    OP_REQUIRES_OK_ASYNC(ctx, CheckSize("HpcAllgather", input), done);
     // The output shape is known once every process reported its first
     // dimension: the runtime allocates it.
     collective::Enqueue(NewRequest(ctx, OpType::kAllgather, std::move(done)));

@@ -131,14 +131,14 @@ def _function_name(graph):
   return name
 
 
-def _call(fn, tensor, name, default_name, **attrs):
-  tensor = tf.convert_to_tensor(tensor)
+def _call(fn, inputs, name, default_name, **attrs):
+  """Runs the generated wrapper `fn` (which converts `inputs`) with the
+  matching name: `name or default_name` eagerly; in graph mode the
+  function's name and the node name (unique in the graph)."""
   if tf.executing_eagerly():
-    return fn(tensor, tensor_name=name or default_name, **attrs)
-  # Graph mode: the function's name and the node name (unique in the graph)
-  # are the matching name.
+    return fn(inputs, tensor_name=name or default_name, **attrs)
   function_name = _function_name(tf.compat.v1.get_default_graph())
-  return fn(tensor, name=name, function_name=function_name, **attrs)
+  return fn(inputs, name=name, function_name=function_name, **attrs)
 
 
 def allreduce(tensor, op="average", name=None):
@@ -182,17 +182,11 @@ def grouped_allreduce(tensors, op="average", name=None):
   for i, t in enumerate(tensors):
     groups.setdefault(t.dtype, []).append(i)
   out = [None] * len(tensors)
-  for k, (dtype, index) in enumerate(groups.items()):
-    members = [tensors[i] for i in index]
-    if tf.executing_eagerly():
-      reduced = gen_collective_ops.hpc_grouped_allreduce(
-          members, reduce_op=op,
-          tensor_name="%s.%d" % (name or "grouped_allreduce", k))
-    else:
-      function_name = _function_name(tf.compat.v1.get_default_graph())
-      reduced = gen_collective_ops.hpc_grouped_allreduce(
-          members, reduce_op=op, function_name=function_name,
-          name=None if name is None else "%s.%d" % (name, k))
+  for k, index in enumerate(groups.values()):
+    reduced = _call(gen_collective_ops.hpc_grouped_allreduce,
+                    [tensors[i] for i in index],
+                    None if name is None else "%s.%d" % (name, k),
+                    "grouped_allreduce.%d" % k, reduce_op=op)
     for i, r in zip(index, reduced, strict=True):
       out[i] = r
   return out
@@ -266,12 +260,8 @@ def _grouped_allreduce_grad(op, *grads):
     reduce_op = reduce_op.decode()
   grads = [tf.zeros_like(y) if g is None else _dense(g)
            for g, y in zip(grads, op.outputs, strict=True)]
-  if tf.executing_eagerly():
-    return gen_collective_ops.hpc_grouped_allreduce(
-        grads, reduce_op=reduce_op, tensor_name=_grad_name(op, "grad"))
-  function_name = _function_name(tf.compat.v1.get_default_graph())
-  return gen_collective_ops.hpc_grouped_allreduce(
-      grads, reduce_op=reduce_op, function_name=function_name)
+  return _call(gen_collective_ops.hpc_grouped_allreduce, grads,
+               _grad_name(op, "grad"), None, reduce_op=reduce_op)
 
 
 @tf.RegisterGradient("HpcBroadcast")
