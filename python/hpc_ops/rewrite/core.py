@@ -420,11 +420,11 @@ class Graph:
         return None
       attrs = self.fdef.arg_attr[i].attr if i in self.fdef.arg_attr else {}
       if "_output_shapes" in attrs and attrs["_output_shapes"].list.shape:
-        return _shape_list(attrs["_output_shapes"].list.shape[0])
+        return shape_list(attrs["_output_shapes"].list.shape[0])
       if "_input_shapes" in self.fdef.attr:
         shapes = self.fdef.attr["_input_shapes"].list.shape
         if i < len(shapes):
-          return _shape_list(shapes[i])
+          return shape_list(shapes[i])
       return None
     node = self.producer(t)
     if node is None:
@@ -437,7 +437,7 @@ class Graph:
     if "_output_shapes" in node.attr:
       shapes = node.attr["_output_shapes"].list.shape
       if idx < len(shapes):
-        return _shape_list(shapes[idx])
+        return shape_list(shapes[idx])
     if node.op in ("Identity", "Cast", "Square", "Neg", "Abs") and node.input:
       return self.shape(self.inputs(node)[0])
     if self._shape_fallback is not None:
@@ -498,7 +498,9 @@ class Graph:
     self.invalidate()
 
 
-def _shape_list(shape_proto):
+def shape_list(shape_proto):
+  """The dims of a TensorShapeProto (-1: unknown), or None for an unknown
+  rank."""
   if shape_proto.unknown_rank:
     return None
   return [d.size for d in shape_proto.dim]

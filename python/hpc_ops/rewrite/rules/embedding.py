@@ -76,10 +76,6 @@ _WHILES = frozenset({"While", "StatelessWhile"})
 UNKNOWN = "?"  # a resource of unknown origin
 
 
-def _shape_of(proto):
-  return None if proto.unknown_rank else [d.size for d in proto.dim]
-
-
 def _shape_str(dims):
   return "unknown" if dims is None else "[%s]" % ", ".join(
       "?" if d < 0 else str(d) for d in dims)
@@ -156,7 +152,8 @@ class VariableMap:
           self.info[key] = VarInfo(
               shared.decode("utf-8", "replace") or n.name,
               n.attr["dtype"].type if "dtype" in n.attr else None,
-              _shape_of(n.attr["shape"].shape) if "shape" in n.attr else None)
+              core.shape_list(n.attr["shape"].shape)
+              if "shape" in n.attr else None)
     self._propagate(graphs)
     self._find_writes(graphs, meta_graph)
 
@@ -217,7 +214,7 @@ class VariableMap:
         key = "object:%d" % node_id
         v = obj.variable
         self.info[key] = VarInfo(v.name or "object %d" % node_id, v.dtype,
-                                 _shape_of(v.shape))
+                                 core.shape_list(v.shape))
         self.bound[(cf_name, n_in - len(bound) + j)] = key
 
   def keys(self, fname, g, t, final=True):
