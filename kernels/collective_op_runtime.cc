@@ -25,7 +25,6 @@
 #include "kernels/collective_op_runtime.h"
 
 #include <sched.h>
-#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <unistd.h>
 
@@ -49,6 +48,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kernels/collective_op.h"
+#include "kernels/common/huge_pages.h"
 #include "tensorflow/core/framework/register_types.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/framework/types.h"
@@ -476,16 +476,9 @@ char* MutableData(Tensor* t) {
 // Large outputs are often fresh memory from the allocator (mmap): asking for
 // transparent huge pages replaces thousands of 4 KiB first-touch faults by a
 // few 2 MiB ones. Only a hint (no effect where THP is off or the pages are
-// already there); the 2 MiB-aligned interior of the buffer is advised.
-void AdviseHugePages(char* p, int64_t bytes) {
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  if (bytes < int64_t{8} << 20) return;
-  const uintptr_t begin =
-      (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
-  if (end > begin) {
-    madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-  }
+// already there).
+void AdviseLargeOutput(char* p, int64_t bytes) {
+  if (bytes >= int64_t{8} << 20) AdviseHugePages(p, bytes);
 }
 
 // A grow-only, 64-byte aligned buffer. Kept across collectives so that its
@@ -690,7 +683,7 @@ class AllreduceExecution : public Execution {
     } else {
       src_ = const_cast<char*>(requests_[0]->input.tensor_data().data());
       dst_ = MutableData(&requests_[0]->output);
-      if (dst_ != src_) AdviseHugePages(dst_, n_ * esize_);
+      if (dst_ != src_) AdviseLargeOutput(dst_, n_ * esize_);
     }
     // A function of (n, size) only: every rank must cut a chunk the same
     // way. About four segments per chunk, 512 KiB to 1 MiB each: every
@@ -934,7 +927,7 @@ class AllgatherExecution : public Execution {
     Tensor* out = nullptr;
     TF_RETURN_IF_ERROR(r.ctx->allocate_output(0, shape, &out));
     r.output = *out;
-    AdviseHugePages(MutableData(&r.output), r.output.TotalBytes());
+    AdviseLargeOutput(MutableData(&r.output), r.output.TotalBytes());
     int64_t row_bytes = tensorflow::DataTypeSize(r.input.dtype());
     for (int i = 1; i < r.input.dims(); ++i) row_bytes *= r.input.dim_size(i);
     char* dst = MutableData(&r.output);

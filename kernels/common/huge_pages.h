@@ -53,6 +53,20 @@ inline void InnerHugePages(const void* p, int64_t bytes, uintptr_t* begin,
   if (*end < *begin) *end = *begin;
 }
 
+// Advises huge pages for the 2 MiB-aligned interior of [p, p + bytes).
+inline void AdviseHugePages(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  uintptr_t begin, end;
+  InnerHugePages(p, bytes, &begin, &end);
+  if (end > begin) {
+    madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 // If [p, p + bytes) is at least `min_bytes` and its first aligned huge page
 // is not yet backed (a fresh mapping, not a buffer the allocator reuses),
 // advises huge pages for its aligned interior. Returns whether the buffer
@@ -65,9 +79,7 @@ inline bool AdviseHugePagesIfFresh(void* p, int64_t bytes, int64_t min_bytes) {
   unsigned char resident = 1;
   if (mincore(reinterpret_cast<void*>(begin), 4096, &resident) != 0) return false;
   const bool fresh = (resident & 1) == 0;
-  if (fresh && HugePagesAvailable()) {
-    madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-  }
+  if (fresh && HugePagesAvailable()) AdviseHugePages(p, bytes);
   return fresh;
 #else
   (void)p;
