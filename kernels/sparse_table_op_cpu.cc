@@ -1,11 +1,13 @@
 // See docs in ../ops/sparse_table_ops.cc.
 //
-// The SparseTable resource and the CPU pull/push algorithms. A batch is
-// first grouped by shard (GroupKeysByShard: a parallel counting sort that
-// keeps batch order inside each shard), then shards are processed in
-// parallel on TensorFlow's intra-op pool, each shard by exactly one task
-// (largest shards first, to the least loaded task), so no two threads of one
-// op ever wait for the same shard lock.
+// The SparseTable resource and the CPU pull/push algorithms. A pull reads
+// the batch in order, one contiguous range per thread under every shard's
+// reader lock; only the keys it missed are grouped by shard and inserted. A
+// push first groups the batch by shard (GroupKeysByShard: a parallel
+// counting sort that keeps batch order inside each shard), then shards are
+// processed in parallel on TensorFlow's intra-op pool, each shard by exactly
+// one task (largest shards first, to the least loaded task), so no two
+// threads of one op ever wait for the same shard lock.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -526,49 +528,69 @@ void ForEachKeyPrefetched(const Shard& sh, const GroupedKey* e, int64_t k,
   }
 }
 
-Status PullShard(const SparseTable& t, Shard& sh, GroupedKey* e, int64_t k,
-                 bool insert_missing, int64_t step, float* out)
+// Reads the rows of keys[begin, end) that exist into out (batch order) and
+// stores the batch positions of the others in misses[0, m), returning m. The
+// caller holds every shard's reader lock. Without `insert_missing` a missing
+// key reads its initial value at once and is not counted.
+int64_t PullPresent(SparseTable& t, const int64_t* keys, int64_t begin, int64_t end,
+                    bool insert_missing, float* out, int64_t* misses)
     ABSL_NO_THREAD_SAFETY_ANALYSIS {
-  const int64_t dim = t.dim();
-  const size_t row_value_bytes = dim * sizeof(float);
-  const int64_t value_offset = t.config().header_bytes();
-  int64_t misses = 0;
-  {
-    absl::ReaderMutexLock l(&sh.mu);
-    ForEachKeyPrefetched(sh, e, k, value_offset + row_value_bytes,
-                         [&](int64_t j) {
-                           PrefetchBytes<true>(out + e[j].pos * dim, row_value_bytes);
-                         },
-                         [&](int64_t i, uint64_t h) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-                           const int64_t key = e[i].key;
-                           const int64_t r = sh.index.Find(h, key, sh.arena);
-                           if (r >= 0) {
-                             CopyFloats(out + e[i].pos * dim,
-                                        reinterpret_cast<const float*>(
-                                            sh.arena.Row(r) + value_offset),
-                                        dim);
-                           } else {
-                             e[misses++] = e[i];  // compacts the misses, in order
-                           }
-                         });
-  }
-  if (misses == 0) return Status();
   const sparse_table::TableConfig& c = t.config();
-  if (!insert_missing) {
-    for (int64_t i = 0; i < misses; ++i) {
-      sparse_table::InitialValues(c, e[i].key, out + e[i].pos * dim);
+  const int64_t dim = c.dim;
+  const int64_t value_offset = c.header_bytes();
+  const int64_t row_bytes = value_offset + dim * static_cast<int64_t>(sizeof(float));
+  uint64_t hashes[kRing];
+  const Shard* shards[kRing];
+  auto bucket_stage = [&](int64_t j) {
+    const uint64_t h = KeyHash(keys[j]);
+    const Shard* sh = &t.shard(t.ShardOf(h));
+    hashes[j & (kRing - 1)] = h;
+    shards[j & (kRing - 1)] = sh;
+    sh->index.Prefetch(h);
+  };
+  auto row_stage = [&](int64_t j) {
+    const Shard& sh = *shards[j & (kRing - 1)];
+    const int64_t r = sh.index.FirstCandidate(hashes[j & (kRing - 1)]);
+    if (r >= 0) PrefetchBytes<false>(sh.arena.Row(r), row_bytes);
+  };
+  const int64_t a = std::min(end, begin + kBucketAhead);
+  for (int64_t j = begin; j < a; ++j) bucket_stage(j);
+  const int64_t b = std::min(end, begin + kRowAhead);
+  for (int64_t j = begin; j < b; ++j) row_stage(j);
+  int64_t m = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    if (i + kBucketAhead < end) bucket_stage(i + kBucketAhead);
+    if (i + kRowAhead < end) row_stage(i + kRowAhead);
+    const Shard& sh = *shards[i & (kRing - 1)];
+    const int64_t r = sh.index.Find(hashes[i & (kRing - 1)], keys[i], sh.arena);
+    if (r >= 0) {
+      CopyFloats(out + i * dim,
+                 reinterpret_cast<const float*>(sh.arena.Row(r) + value_offset), dim);
+    } else if (insert_missing) {
+      misses[m++] = i;
+    } else {
+      sparse_table::InitialValues(c, keys[i], out + i * dim);
     }
-    return Status();
   }
+  return m;
+}
+
+// Creates the rows of one shard's missing keys (subject to admission) and
+// reads them into out, under the shard's writer lock. A key may have been
+// inserted meanwhile (or earlier in this batch): then its row is read.
+Status InsertMissing(SparseTable& t, Shard& sh, const GroupedKey* e, int64_t k,
+                     int64_t step, float* out) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const sparse_table::TableConfig& c = t.config();
+  const int64_t dim = c.dim;
+  const int64_t value_offset = c.header_bytes();
   const bool admission = c.admission_min_count > 1;
   absl::MutexLock l(&sh.mu);
-  auto& table = const_cast<SparseTable&>(t);
-  for (int64_t i = 0; i < misses; ++i) {
+  for (int64_t i = 0; i < k; ++i) {
     const int64_t key = e[i].key;
     const uint64_t h = KeyHash(key);
     float* dst = out + e[i].pos * dim;
     int64_t r = sh.index.Find(h, key, sh.arena);
-    if (r >= 0) {  // inserted meanwhile, or earlier in this batch
+    if (r >= 0) {
       CopyFloats(dst, reinterpret_cast<const float*>(sh.arena.Row(r) + value_offset), dim);
       continue;
     }
@@ -580,7 +602,7 @@ Status PullShard(const SparseTable& t, Shard& sh, GroupedKey* e, int64_t k,
       sh.candidates.Erase(h, key);
     }
     Status s;
-    char* row = table.InsertRow(sh, h, key, step, &s);
+    char* row = t.InsertRow(sh, h, key, step, &s);
     if (row == nullptr) return s;
     CopyFloats(dst, reinterpret_cast<const float*>(row + value_offset), dim);
   }
@@ -630,19 +652,50 @@ Status ForEachShard(OpKernelContext* ctx, const KeyGroups& g, int num_shards,
 
 }  // namespace
 
+// A pull reads in batch order: the batch is cut into one contiguous range
+// per thread, and each range is read under every shard's reader lock (taken
+// in shard order, like every multi-shard lock here), so rows are never torn
+// while the output is written sequentially. Only the keys that were missing
+// are then grouped by shard and inserted, each shard under its writer lock.
 template <>
 Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable* table,
                                               const int64_t* keys, int64_t n,
                                               bool insert_missing, float* values) {
   if (n == 0) return Status();
+  using sparse_table::CallScratch;
   sparse_table::CallScratch scratch;
-  TF_RETURN_IF_ERROR(scratch.Reserve(ctx, sparse_table::GroupScratchBytes(n)));
+  TF_RETURN_IF_ERROR(scratch.Reserve(ctx, 2 * CallScratch::Round(n * sizeof(int64_t)) +
+                                              sparse_table::GroupScratchBytes(n)));
+  int64_t* misses = scratch.Take<int64_t>(n);
+  // Ranges of at least 8k keys (a range pays num_shards lock round trips).
+  constexpr int64_t kMinRange = 8192;
+  const int ranges = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(CpuNumThreads(ctx), n / kMinRange)));
+  std::vector<int64_t> range_misses(ranges, 0);
+  CpuForEachShard(ctx, n, ranges, [&](int b, int64_t begin, int64_t end) {
+    sparse_table::AllShardsLock lock(table, /*exclusive=*/false);
+    range_misses[b] =
+        PullPresent(*table, keys, begin, end, insert_missing, values, misses + begin);
+  });
+  int64_t m = 0;
+  for (int b = 0; b < ranges; ++b) {
+    const int64_t begin = n * b / ranges;
+    if (m != begin && range_misses[b] > 0) {
+      std::memmove(misses + m, misses + begin, range_misses[b] * sizeof(int64_t));
+    }
+    m += range_misses[b];
+  }
+  if (m == 0) return Status();
+
+  int64_t* miss_keys = scratch.Take<int64_t>(m);
+  for (int64_t i = 0; i < m; ++i) miss_keys[i] = keys[misses[i]];
   KeyGroups g;
-  GroupKeysByShard(ctx, *table, keys, n, &scratch, &g);
+  GroupKeysByShard(ctx, *table, miss_keys, m, &scratch, &g);
+  for (int64_t i = 0; i < m; ++i) g.entries[i].pos = misses[g.entries[i].pos];
   const int64_t step = table->step();
-  return ForEachShard(ctx, g, table->num_shards(), 200 + 2 * table->dim(), [&](int s) {
-    return PullShard(*table, table->shard(s), g.entries + g.begin[s],
-                     g.begin[s + 1] - g.begin[s], insert_missing, step, values);
+  return ForEachShard(ctx, g, table->num_shards(), 400 + 4 * table->dim(), [&](int s) {
+    return InsertMissing(*table, table->shard(s), g.entries + g.begin[s],
+                         g.begin[s + 1] - g.begin[s], step, values);
   });
 }
 
