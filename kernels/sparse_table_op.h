@@ -401,13 +401,10 @@ inline size_t GroupScratchBytes(int64_t n) {
 }
 
 // One pass over the keys (split across the CPU pool for large batches):
-// a counting sort by ShardOf(KeyHash(key)); no per-key allocation. With
-// `grouped_rows`, row i of `rows` ([n, dim]) is copied to the entry's
-// position in grouped_rows ([n, dim]) on the way.
+// a counting sort by ShardOf(KeyHash(key)); no per-key allocation.
 void GroupKeysByShard(tensorflow::OpKernelContext* ctx, const SparseTable& table,
                       const int64_t* keys, int64_t n, CallScratch* scratch,
-                      KeyGroups* groups, const float* rows = nullptr,
-                      int64_t dim = 0, float* grouped_rows = nullptr);
+                      KeyGroups* groups);
 
 }  // namespace sparse_table
 

@@ -2,12 +2,13 @@
 //
 // The SparseTable resource and the CPU pull/push algorithms. A pull reads
 // the batch in order, one contiguous range per thread under every shard's
-// reader lock; only the keys it missed are grouped by shard and inserted. A
-// push first groups the batch by shard (GroupKeysByShard: a parallel
-// counting sort that keeps batch order inside each shard), then shards are
-// processed in parallel on TensorFlow's intra-op pool, each shard by exactly
-// one task (largest shards first, to the least loaded task), so no two
-// threads of one op ever wait for the same shard lock.
+// reader lock; only the keys it missed are grouped by shard
+// (GroupKeysByShard: a parallel counting sort that keeps batch order inside
+// each shard) and inserted. A push splits the batch into parts that own
+// disjoint ranges of shards (about two per thread): each part sums its
+// keys' gradients in batch order, then updates its shards one at a time
+// under their writer locks, so no two threads of one op ever wait for the
+// same shard lock.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -413,8 +414,7 @@ absl::Status CallScratch::Reserve(OpKernelContext* ctx, size_t bytes) {
 
 void GroupKeysByShard(OpKernelContext* ctx, const SparseTable& table,
                       const int64_t* keys, int64_t n, CallScratch* scratch,
-                      KeyGroups* g, const float* rows, int64_t dim,
-                      float* grouped_rows) {
+                      KeyGroups* g) {
   const int S = table.num_shards();
   const int bits = table.shard_bits();
   g->begin.assign(S + 1, 0);
@@ -455,9 +455,6 @@ void GroupKeysByShard(OpKernelContext* ctx, const SparseTable& table,
       GroupedKey& e = out[at];
       e.key = keys[i];
       e.pos = i;
-      if (grouped_rows != nullptr) {
-        CopyFloats(grouped_rows + at * dim, rows + i * dim, dim);
-      }
     }
   });
 }
@@ -499,19 +496,16 @@ inline void PrefetchBytes(const void* p, int64_t bytes) {
 }
 
 // Calls fn(i, KeyHash(e[i].key)) for i in [0, k), in order, prefetching the
-// bucket and then the first `row_bytes` of the row of keys further ahead;
-// ahead(j) is called with the bucket prefetch of key j (to prefetch the
-// key's batch data). fn may overwrite e[j] for j <= i.
-template <typename Fn, typename Ahead>
+// bucket and then the first `row_bytes` of the row of keys further ahead.
+template <typename Fn>
 void ForEachKeyPrefetched(const Shard& sh, const GroupedKey* e, int64_t k,
-                          int64_t row_bytes, Ahead ahead, Fn fn)
+                          int64_t row_bytes, Fn fn)
     ABSL_NO_THREAD_SAFETY_ANALYSIS {
   uint64_t hashes[kRing];
   auto bucket_stage = [&](int64_t j) {
     const uint64_t h = KeyHash(e[j].key);
     hashes[j & (kRing - 1)] = h;
     sh.index.Prefetch(h);
-    ahead(j);
   };
   auto row_stage = [&](int64_t j) {
     const int64_t r = sh.index.FirstCandidate(hashes[j & (kRing - 1)]);
@@ -704,28 +698,6 @@ Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
 
 namespace {
 
-// Per distinct row of one shard in one push.
-struct UniqueRow {
-  uint32_t row;
-  uint32_t count;  // occurrences in the batch (saturating)
-  int64_t first;   // the shard entry of its first occurrence
-};
-
-// Scratch of one push: `uniques` is indexed like the grouped entries (a
-// shard's distinct rows number at most its keys), dedup tables take their own
-// power-of-two ranges.
-struct PushScratch {
-  UniqueRow* uniques;
-  uint64_t* dedup;
-  std::vector<int64_t> dedup_begin;  // per shard; size num_shards + 1
-};
-
-int64_t DedupSize(int64_t k) {
-  int64_t p = 16;
-  while (p < 2 * k) p <<= 1;
-  return p;
-}
-
 // dst[0, n) += src[0, n), one add per column (the same result at any width).
 inline void AddFloats(float* dst, const float* src, int64_t n) {
   int64_t j = 0;
@@ -737,99 +709,219 @@ inline void AddFloats(float* dst, const float* src, int64_t n) {
   for (; j < n; ++j) dst[j] += src[j];
 }
 
-// `g` holds the shard's gradients in entry order (GroupKeysByShard copied
-// them), k rows of dim; the sums of repeated rows are formed in place, in
-// the row of their first occurrence.
+// A push in parts: part p owns a contiguous range of shards (the top bits
+// of the shard number), so parts never share a shard lock.
+struct PartKey {
+  int64_t key;
+  uint32_t count;  // occurrences in the batch (saturating)
+  uint32_t pad;
+};
+
+// A batch position of one part with its key's hash.
+struct PartEntry {
+  int64_t pos;
+  uint64_t hash;
+};
+
+// Parts of one push at most (a power of two).
+constexpr int kMaxParts = 64;
+
+// Dedup table of one part: (unique + 1) per slot, 0 = empty.
+int64_t PartDedupSize(int64_t k) {
+  int64_t p = 16;
+  while (p < 2 * k) p <<= 1;
+  return p;
+}
+
+// One part of a push: (1) one pass over the part's keys in batch order
+// numbers the distinct ones by first occurrence and sums their gradients
+// (so every sum is formed in batch order: deterministic); (2) the distinct
+// keys are grouped by shard (stable); (3) each shard, under its writer lock,
+// finds or creates every distinct key's row and applies one optimizer step.
 template <typename Update>
-Status PushShard(SparseTable& t, Shard& sh, const GroupedKey* e, int64_t k, float* g,
-                 float lr, int64_t step, UniqueRow* uniques, uint64_t* dedup,
-                 int64_t dedup_size) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+Status PushPart(SparseTable& t, const int64_t* keys, const PartEntry* pe, int64_t k, int part,
+                int part_bits, const float* grads, float lr, int64_t step, PartKey* uniques,
+                float* sums, uint32_t* dedup, int64_t dedup_size, GroupedKey* entries)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const sparse_table::TableConfig& c = t.config();
   const int64_t dim = c.dim;
-  const bool admission = c.admission_min_count > 1;
-  std::memset(dedup, 0, dedup_size * sizeof(uint64_t));
+  const int64_t grad_bytes = dim * static_cast<int64_t>(sizeof(float));
+  std::memset(dedup, 0, dedup_size * sizeof(uint32_t));
   const uint64_t mask = static_cast<uint64_t>(dedup_size) - 1;
-  absl::MutexLock l(&sh.mu);
-
-  // 1. Find (or create) each key's row, number the distinct rows in order of
-  // first occurrence and sum the gradients of repeated rows, in batch order
-  // (deterministic).
   int64_t num_unique = 0;
-  Status status;
-  ForEachKeyPrefetched(
-      sh, e, k, c.header_bytes(), [](int64_t) {},
-      [&](int64_t i, uint64_t h) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-        if (!status.ok()) return;
-        const int64_t key = e[i].key;
-        int64_t r = sh.index.Find(h, key, sh.arena);
-        if (r < 0) {
-          if (admission) return;  // not admitted yet: the gradient is dropped
-          if (t.InsertRow(sh, h, key, step, &status) == nullptr) return;
-          r = static_cast<int64_t>(sh.arena.size()) - 1;
+  constexpr int64_t kAhead = 16;  // dedup slot and gradient row prefetch
+  {
+    for (int64_t j = 0; j < k; ++j) {
+      if (j + kAhead < k) {
+        __builtin_prefetch(&dedup[pe[j + kAhead].hash & mask]);
+        PrefetchBytes<false>(grads + pe[j + kAhead].pos * dim, grad_bytes);
+      }
+      const int64_t i = pe[j].pos;
+      const int64_t key = keys[i];
+      uint64_t slot = pe[j].hash & mask;
+      while (true) {
+        const uint32_t v = dedup[slot];
+        if (v == 0) {
+          const int64_t u = num_unique++;
+          dedup[slot] = static_cast<uint32_t>(u + 1);
+          uniques[u] = PartKey{key, 1, 0};
+          CopyFloats(sums + u * dim, grads + i * dim, dim);
+          break;
         }
-        // Dedup table slot: (row + 1) << 32 | unique id; 0 = empty.
-        const uint64_t tag = (static_cast<uint64_t>(r) + 1) << 32;
-        uint64_t slot = sparse_table::SplitMix64(static_cast<uint64_t>(r)) & mask;
-        while (true) {
-          const uint64_t v = dedup[slot];
-          if (v == 0) {
-            const int64_t u = num_unique++;
-            dedup[slot] = tag | static_cast<uint64_t>(u);
-            uniques[u] = UniqueRow{static_cast<uint32_t>(r), 1, i};
-            return;
-          }
-          if ((v & 0xFFFFFFFF00000000ULL) == tag) break;
-          slot = (slot + 1) & mask;
+        PartKey& pk = uniques[v - 1];
+        if (pk.key == key) {
+          if (pk.count < UINT32_MAX) ++pk.count;
+          AddFloats(sums + (v - 1) * dim, grads + i * dim, dim);
+          break;
         }
-        UniqueRow& ur = uniques[dedup[slot] & 0xFFFFFFFFu];
-        if (ur.count < UINT32_MAX) ++ur.count;
-        AddFloats(g + ur.first * dim, g + i * dim, dim);
-      });
-  if (!status.ok()) return status;
-
-  // 2. One optimizer step per distinct row.
-  const int64_t value_offset = c.header_bytes();
-  const int64_t row_bytes = c.row_bytes();
-  const uint32_t step_counter = SparseTable::StepCounter(step);
-  constexpr int64_t kAhead = 4;
-  Update update;
-  for (int64_t u = 0; u < num_unique; ++u) {
-    if (u + kAhead < num_unique) {
-      const UniqueRow& next = uniques[u + kAhead];
-      PrefetchBytes<true>(sh.arena.Row(next.row), row_bytes);
-    }
-    const UniqueRow& ur = uniques[u];
-    char* row = sh.arena.Row(ur.row);
-    float* w = reinterpret_cast<float*>(row + value_offset);
-    uint32_t* counters = t.Counters(row);
-    update(c, lr, g + ur.first * dim, w, w + dim, counters);
-    if (c.track_usage) {
-      uint32_t& freq = counters[c.frequency_counter()];
-      freq = ur.count > UINT32_MAX - freq ? UINT32_MAX : freq + ur.count;
-      counters[c.last_step_counter()] = step_counter;
+        slot = (slot + 1) & mask;
+      }
     }
   }
-  return Status();
+  if (num_unique == 0) return Status();
+
+  // Group by shard: the part's shards are [first, first + shards).
+  const int bits = t.shard_bits();
+  const int shards = 1 << (bits - part_bits);
+  const int first = part << (bits - part_bits);
+  std::vector<int64_t> begin(shards + 1, 0);
+  for (int64_t u = 0; u < num_unique; ++u) {
+    ++begin[t.ShardOf(KeyHash(uniques[u].key)) - first + 1];
+  }
+  for (int s = 0; s < shards; ++s) begin[s + 1] += begin[s];
+  std::vector<int64_t> cursor(begin.begin(), begin.end() - 1);
+  for (int64_t u = 0; u < num_unique; ++u) {
+    const int s = t.ShardOf(KeyHash(uniques[u].key)) - first;
+    entries[cursor[s]++] = GroupedKey{uniques[u].key, u};
+  }
+
+  const bool admission = c.admission_min_count > 1;
+  const int64_t value_offset = c.header_bytes();
+  const uint32_t step_counter = SparseTable::StepCounter(step);
+  Update update;
+  Status status;
+  for (int s = 0; s < shards && status.ok(); ++s) {
+    const int64_t k = begin[s + 1] - begin[s];
+    if (k == 0) continue;
+    Shard& sh = t.shard(first + s);
+    const GroupedKey* e = entries + begin[s];
+    absl::MutexLock l(&sh.mu);
+    ForEachKeyPrefetched(
+        sh, e, k, c.row_bytes(),
+        [&](int64_t i, uint64_t h) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+          if (!status.ok()) return;
+          const int64_t r = sh.index.Find(h, e[i].key, sh.arena);
+          char* row;
+          if (r >= 0) {
+            row = sh.arena.Row(r);
+          } else {
+            if (admission) return;  // not admitted yet: the gradient is dropped
+            row = t.InsertRow(sh, h, e[i].key, step, &status);
+            if (row == nullptr) return;
+          }
+          float* w = reinterpret_cast<float*>(row + value_offset);
+          uint32_t* counters = t.Counters(row);
+          update(c, lr, sums + e[i].pos * dim, w, w + dim, counters);
+          if (c.track_usage) {
+            const uint32_t count = uniques[e[i].pos].count;
+            uint32_t& freq = counters[c.frequency_counter()];
+            freq = count > UINT32_MAX - freq ? UINT32_MAX : freq + count;
+            counters[c.last_step_counter()] = step_counter;
+          }
+        });
+  }
+  return status;
 }
 
 template <typename Update>
-Status PushAll(OpKernelContext* ctx, SparseTable* table, const KeyGroups& g,
-               float* grouped_grads, float lr, int64_t step, PushScratch& sc) {
+Status PushParts(OpKernelContext* ctx, SparseTable* table, const int64_t* keys, int64_t n,
+                 const float* grads, float lr, int64_t step) {
   const int64_t dim = table->dim();
-  return ForEachShard(ctx, g, table->num_shards(), 400 + 8 * dim, [&](int s) {
-    const int64_t b = g.begin[s];
-    return PushShard<Update>(*table, table->shard(s), g.entries + b, g.begin[s + 1] - b,
-                             grouped_grads + b * dim, lr, step, sc.uniques + b,
-                             sc.dedup + sc.dedup_begin[s],
-                             sc.dedup_begin[s + 1] - sc.dedup_begin[s]);
+  const int bits = table->shard_bits();
+  // Parts: a power of two, at most the shards, about two per thread, and
+  // one for small batches.
+  int part_bits = 0;
+  while ((1 << part_bits) < std::min(2 * CpuNumThreads(ctx), kMaxParts) && part_bits < bits &&
+         (n >> part_bits) >= 8192) {
+    ++part_bits;
+  }
+  const int parts = 1 << part_bits;
+  // The batch is cut into ranges hashed in parallel; a counting sort by
+  // part (counters on each thread's stack) puts every part's keys in batch
+  // order, with their hashes.
+  const int ranges = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>(CpuNumThreads(ctx), n / 16384)));
+  using sparse_table::CallScratch;
+  sparse_table::CallScratch scratch;
+  TF_RETURN_IF_ERROR(scratch.Reserve(
+      ctx, CallScratch::Round(n * sizeof(uint64_t)) + CallScratch::Round(n * sizeof(PartEntry)) +
+               CallScratch::Round(n * sizeof(PartKey)) +
+               CallScratch::Round(n * dim * sizeof(float)) +
+               CallScratch::Round(n * sizeof(GroupedKey)) +
+               CallScratch::Round((4 * n + 16 * parts) * sizeof(uint32_t))));
+  uint64_t* hashes = scratch.Take<uint64_t>(n);
+  PartEntry* part_entries = scratch.Take<PartEntry>(n);
+  PartKey* uniques = scratch.Take<PartKey>(n);
+  float* sums = scratch.Take<float>(n * dim);
+  GroupedKey* entries = scratch.Take<GroupedKey>(n);
+
+  std::vector<int64_t> counts(static_cast<size_t>(ranges) * parts, 0);
+  const int part_shift = 64 - part_bits;
+  auto part_of = [part_shift](uint64_t h) {
+    return part_shift == 64 ? 0 : static_cast<int>(h >> part_shift);
+  };
+  CpuForEachShard(ctx, n, ranges, [&](int b, int64_t begin, int64_t end) {
+    int64_t cnt[kMaxParts] = {0};
+    for (int64_t i = begin; i < end; ++i) {
+      const uint64_t h = KeyHash(keys[i]);
+      hashes[i] = h;
+      ++cnt[part_of(h)];
+    }
+    std::copy(cnt, cnt + parts, counts.begin() + static_cast<size_t>(b) * parts);
   });
+  std::vector<int64_t> base(parts + 1, 0), dedup_base(parts + 1, 0);
+  for (int p = 0; p < parts; ++p) {
+    int64_t k = 0;
+    for (int b = 0; b < ranges; ++b) {
+      int64_t& c = counts[static_cast<size_t>(b) * parts + p];
+      const int64_t kb = c;
+      c = base[p] + k;  // becomes range b's write cursor for part p
+      k += kb;
+    }
+    base[p + 1] = base[p] + k;
+    dedup_base[p + 1] = dedup_base[p] + (k == 0 ? 0 : PartDedupSize(k));
+  }
+  CpuForEachShard(ctx, n, ranges, [&](int b, int64_t begin, int64_t end) {
+    int64_t cursor[kMaxParts];
+    std::copy(counts.begin() + static_cast<size_t>(b) * parts,
+              counts.begin() + static_cast<size_t>(b + 1) * parts, cursor);
+    for (int64_t i = begin; i < end; ++i) {
+      const uint64_t h = hashes[i];
+      part_entries[cursor[part_of(h)]++] = PartEntry{i, h};
+    }
+  });
+  uint32_t* dedup = scratch.Take<uint32_t>(dedup_base[parts]);
+
+  std::vector<Status> status(parts);
+  CpuForEachShard(ctx, parts, parts, [&](int, int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      if (base[p + 1] == base[p]) continue;
+      status[p] = PushPart<Update>(*table, keys, part_entries + base[p], base[p + 1] - base[p],
+                                   static_cast<int>(p), part_bits, grads,
+                                   lr, step, uniques + base[p], sums + base[p] * dim,
+                                   dedup + dedup_base[p], dedup_base[p + 1] - dedup_base[p],
+                                   entries + base[p]);
+    }
+  });
+  for (const Status& s : status) TF_RETURN_IF_ERROR(s);
+  return Status();
 }
 
 }  // namespace
 
-// A push groups the keys by shard and copies their gradients into the same
-// order on the way (one sequential read of `grads`); each shard is then
-// handled by one task under its writer lock.
+// A push is split into parts by the top bits of the shard number (about two
+// per thread); each part sums its keys' gradients in batch order and then
+// updates its shards one at a time under their writer locks.
 template <>
 Status SparseTablePush<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable* table,
                                               const int64_t* keys, int64_t n,
@@ -838,40 +930,16 @@ Status SparseTablePush<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
   const int64_t step = table->Tick();
   *step_out = step;
   if (n == 0) return Status();
-  const int S = table->num_shards();
-  const int64_t dim = table->dim();
-  // Per-shard dedup tables (powers of two >= 2 * keys of the shard) fit in
-  // 4 n + 16 S slots; the shard sizes are known only after grouping.
-  using sparse_table::CallScratch;
-  const size_t dedup_bound = 4 * static_cast<size_t>(n) + 16 * S;
-  sparse_table::CallScratch scratch;
-  TF_RETURN_IF_ERROR(scratch.Reserve(
-      ctx, sparse_table::GroupScratchBytes(n) + CallScratch::Round(n * dim * sizeof(float)) +
-               CallScratch::Round(n * sizeof(UniqueRow)) +
-               CallScratch::Round(dedup_bound * sizeof(uint64_t))));
-  float* grouped_grads = scratch.Take<float>(n * dim);
-  KeyGroups g;
-  GroupKeysByShard(ctx, *table, keys, n, &scratch, &g, grads, dim, grouped_grads);
-
-  PushScratch sc;
-  sc.dedup_begin.assign(S + 1, 0);
-  for (int s = 0; s < S; ++s) {
-    const int64_t k = g.begin[s + 1] - g.begin[s];
-    sc.dedup_begin[s + 1] = sc.dedup_begin[s] + (k == 0 ? 0 : DedupSize(k));
-  }
-  sc.uniques = scratch.Take<UniqueRow>(n);
-  sc.dedup = scratch.Take<uint64_t>(sc.dedup_begin[S]);
-
   using sparse_table::OptimizerKind;
   switch (table->config().optimizer) {
     case OptimizerKind::kSgd:
-      return PushAll<sparse_table::SgdUpdate>(ctx, table, g, grouped_grads, lr, step, sc);
+      return PushParts<sparse_table::SgdUpdate>(ctx, table, keys, n, grads, lr, step);
     case OptimizerKind::kAdagrad:
-      return PushAll<sparse_table::AdagradUpdate>(ctx, table, g, grouped_grads, lr, step, sc);
+      return PushParts<sparse_table::AdagradUpdate>(ctx, table, keys, n, grads, lr, step);
     case OptimizerKind::kAdam:
-      return PushAll<sparse_table::AdamUpdate>(ctx, table, g, grouped_grads, lr, step, sc);
+      return PushParts<sparse_table::AdamUpdate>(ctx, table, keys, n, grads, lr, step);
     case OptimizerKind::kFtrl:
-      return PushAll<sparse_table::FtrlUpdate>(ctx, table, g, grouped_grads, lr, step, sc);
+      return PushParts<sparse_table::FtrlUpdate>(ctx, table, keys, n, grads, lr, step);
   }
   return errors::Internal("SparseTablePush: unknown optimizer");
 }
