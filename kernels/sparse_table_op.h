@@ -394,17 +394,24 @@ struct KeyGroups {
   GroupedKey* entries = nullptr;
 };
 
-// Scratch bytes GroupKeysByShard takes for n keys.
+// Scratch bytes GroupKeysByHashPrefix takes for n keys.
 inline size_t GroupScratchBytes(int64_t n) {
   return CallScratch::Round(n * sizeof(GroupedKey)) +
          CallScratch::Round(n * sizeof(uint16_t));
 }
 
 // One pass over the keys (split across the CPU pool for large batches):
-// a counting sort by ShardOf(KeyHash(key)); no per-key allocation.
-void GroupKeysByShard(tensorflow::OpKernelContext* ctx, const SparseTable& table,
-                      const int64_t* keys, int64_t n, CallScratch* scratch,
-                      KeyGroups* groups);
+// a counting sort by ShardOfHash(KeyHash(key), bits), i.e. into 2^bits
+// groups of consecutive shards (bits <= 16); no per-key allocation.
+void GroupKeysByHashPrefix(tensorflow::OpKernelContext* ctx, const int64_t* keys, int64_t n,
+                           int bits, CallScratch* scratch, KeyGroups* groups);
+
+// GroupKeysByHashPrefix by the table's shards.
+inline void GroupKeysByShard(tensorflow::OpKernelContext* ctx, const SparseTable& table,
+                             const int64_t* keys, int64_t n, CallScratch* scratch,
+                             KeyGroups* groups) {
+  GroupKeysByHashPrefix(ctx, keys, n, table.shard_bits(), scratch, groups);
+}
 
 }  // namespace sparse_table
 

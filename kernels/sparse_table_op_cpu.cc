@@ -368,19 +368,6 @@ AllShardsLock::~AllShardsLock() {
 // ---------------------------------------------------------------------------
 // Grouping by shard
 
-// Copies one row of floats inline (a libc call per row costs more than the
-// copy for the usual widths).
-inline void CopyFloats(float* dst, const float* src, int64_t n) {
-  int64_t j = 0;
-#if defined(__AVX__)
-  for (; j + 8 <= n; j += 8) {
-    _mm256_storeu_ps(dst + j, _mm256_loadu_ps(src + j));
-  }
-#endif
-  for (; j < n; ++j) dst[j] = src[j];
-}
-
-
 absl::Status CallScratch::Reserve(OpKernelContext* ctx, size_t bytes) {
   used_ = 0;
   if (bytes > kReusedBytes) {
@@ -412,47 +399,47 @@ absl::Status CallScratch::Reserve(OpKernelContext* ctx, size_t bytes) {
   return Status();
 }
 
-void GroupKeysByShard(OpKernelContext* ctx, const SparseTable& table,
-                      const int64_t* keys, int64_t n, CallScratch* scratch,
-                      KeyGroups* g) {
-  const int S = table.num_shards();
-  const int bits = table.shard_bits();
-  g->begin.assign(S + 1, 0);
+void GroupKeysByHashPrefix(OpKernelContext* ctx, const int64_t* keys, int64_t n, int bits,
+                           CallScratch* scratch, KeyGroups* g) {
+  const int G = 1 << bits;
+  g->begin.assign(G + 1, 0);
   g->entries = scratch->Take<GroupedKey>(n);
-  uint16_t* shard_of = scratch->Take<uint16_t>(n);
+  uint16_t* group_of = scratch->Take<uint16_t>(n);
   if (n == 0) return;
 
   // Blocks of at least 16k keys, at most one per thread: counts per
-  // (block, shard), then each block scatters into its own ranges, which
-  // keeps batch order inside every shard.
+  // (block, group), then each block scatters into its own ranges, which
+  // keeps batch order inside every group. Each block counts in its own
+  // vector (blocks' counters sharing cache lines cost tens of cycles a key).
   const int blocks = static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>(CpuNumThreads(ctx), n / 16384)));
-  std::vector<int64_t> counts(static_cast<size_t>(blocks) * S, 0);
+  std::vector<int64_t> counts(static_cast<size_t>(blocks) * G, 0);
   CpuForEachShard(ctx, n, blocks, [&](int b, int64_t begin, int64_t end) {
-    int64_t* c = counts.data() + static_cast<size_t>(b) * S;
+    std::vector<int64_t> c(G, 0);
     for (int64_t i = begin; i < end; ++i) {
       const int s = ShardOfHash(KeyHash(keys[i]), bits);
-      shard_of[i] = static_cast<uint16_t>(s);
+      group_of[i] = static_cast<uint16_t>(s);
       ++c[s];
     }
+    std::copy(c.begin(), c.end(), counts.begin() + static_cast<size_t>(b) * G);
   });
   int64_t total = 0;
-  for (int s = 0; s < S; ++s) {
+  for (int s = 0; s < G; ++s) {
     g->begin[s] = total;
     for (int b = 0; b < blocks; ++b) {
-      int64_t& c = counts[static_cast<size_t>(b) * S + s];
+      int64_t& c = counts[static_cast<size_t>(b) * G + s];
       const int64_t k = c;
-      c = total;  // becomes the block's write cursor for shard s
+      c = total;  // becomes the block's write cursor for group s
       total += k;
     }
   }
-  g->begin[S] = total;
+  g->begin[G] = total;
   GroupedKey* out = g->entries;
   CpuForEachShard(ctx, n, blocks, [&](int b, int64_t begin, int64_t end) {
-    int64_t* cursor = counts.data() + static_cast<size_t>(b) * S;
+    std::vector<int64_t> cursor(counts.begin() + static_cast<size_t>(b) * G,
+                                counts.begin() + static_cast<size_t>(b + 1) * G);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t at = cursor[shard_of[i]]++;
-      GroupedKey& e = out[at];
+      GroupedKey& e = out[cursor[group_of[i]]++];
       e.key = keys[i];
       e.pos = i;
     }
@@ -474,7 +461,6 @@ using sparse_table::GroupedKey;
 using sparse_table::KeyGroups;
 using sparse_table::KeyHash;
 using sparse_table::Shard;
-using sparse_table::CopyFloats;
 using sparse_table::SparseTable;
 
 namespace {
@@ -520,6 +506,18 @@ void ForEachKeyPrefetched(const Shard& sh, const GroupedKey* e, int64_t k,
     if (i + kRowAhead < k) row_stage(i + kRowAhead);
     fn(i, hashes[i & (kRing - 1)]);
   }
+}
+
+// Copies one row of floats inline (a libc call per row costs more than the
+// copy for the usual widths).
+inline void CopyFloats(float* dst, const float* src, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX__)
+  for (; j + 8 <= n; j += 8) {
+    _mm256_storeu_ps(dst + j, _mm256_loadu_ps(src + j));
+  }
+#endif
+  for (; j < n; ++j) dst[j] = src[j];
 }
 
 // Reads the rows of keys[begin, end) that exist into out (batch order) and
@@ -714,13 +712,7 @@ inline void AddFloats(float* dst, const float* src, int64_t n) {
 struct PartKey {
   int64_t key;
   uint32_t count;  // occurrences in the batch (saturating)
-  uint32_t pad;
-};
-
-// A batch position of one part with its key's hash.
-struct PartEntry {
-  int64_t pos;
-  uint64_t hash;
+  uint32_t shard;
 };
 
 // Parts of one push at most (a power of two).
@@ -733,49 +725,53 @@ int64_t PartDedupSize(int64_t k) {
   return p;
 }
 
-// One part of a push: (1) one pass over the part's keys in batch order
-// numbers the distinct ones by first occurrence and sums their gradients
-// (so every sum is formed in batch order: deterministic); (2) the distinct
-// keys are grouped by shard (stable); (3) each shard, under its writer lock,
-// finds or creates every distinct key's row and applies one optimizer step.
+// One part of a push, e[0, k) its keys in batch order: (1) one pass numbers
+// the distinct keys by first occurrence and sums their gradients (so every
+// sum is formed in batch order: deterministic); (2) the distinct keys are
+// grouped by shard (stable); (3) each shard, under its writer lock, finds or
+// creates every distinct key's row and applies one optimizer step.
 template <typename Update>
-Status PushPart(SparseTable& t, const int64_t* keys, const PartEntry* pe, int64_t k, int part,
-                int part_bits, const float* grads, float lr, int64_t step, PartKey* uniques,
-                float* sums, uint32_t* dedup, int64_t dedup_size, GroupedKey* entries)
+Status PushPart(SparseTable& t, const GroupedKey* e, int64_t k, int part, int part_bits,
+                const float* grads, float lr, int64_t step, PartKey* uniques, float* sums,
+                uint32_t* dedup, int64_t dedup_size, GroupedKey* entries)
     ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const sparse_table::TableConfig& c = t.config();
   const int64_t dim = c.dim;
   const int64_t grad_bytes = dim * static_cast<int64_t>(sizeof(float));
   std::memset(dedup, 0, dedup_size * sizeof(uint32_t));
   const uint64_t mask = static_cast<uint64_t>(dedup_size) - 1;
+  // Dedup slots and gradient rows are prefetched kBucketAhead keys ahead.
+  uint64_t hashes[kRing];
+  auto prefetch = [&](int64_t j) {
+    const uint64_t h = KeyHash(e[j].key);
+    hashes[j & (kRing - 1)] = h;
+    __builtin_prefetch(&dedup[h & mask]);
+    PrefetchBytes<false>(grads + e[j].pos * dim, grad_bytes);
+  };
+  for (int64_t j = 0; j < std::min(k, kBucketAhead); ++j) prefetch(j);
   int64_t num_unique = 0;
-  constexpr int64_t kAhead = 16;  // dedup slot and gradient row prefetch
-  {
-    for (int64_t j = 0; j < k; ++j) {
-      if (j + kAhead < k) {
-        __builtin_prefetch(&dedup[pe[j + kAhead].hash & mask]);
-        PrefetchBytes<false>(grads + pe[j + kAhead].pos * dim, grad_bytes);
+  for (int64_t j = 0; j < k; ++j) {
+    if (j + kBucketAhead < k) prefetch(j + kBucketAhead);
+    const uint64_t h = hashes[j & (kRing - 1)];
+    const int64_t key = e[j].key;
+    const float* g = grads + e[j].pos * dim;
+    uint64_t slot = h & mask;
+    while (true) {
+      const uint32_t v = dedup[slot];
+      if (v == 0) {
+        const int64_t u = num_unique++;
+        dedup[slot] = static_cast<uint32_t>(u + 1);
+        uniques[u] = PartKey{key, 1, static_cast<uint32_t>(t.ShardOf(h))};
+        CopyFloats(sums + u * dim, g, dim);
+        break;
       }
-      const int64_t i = pe[j].pos;
-      const int64_t key = keys[i];
-      uint64_t slot = pe[j].hash & mask;
-      while (true) {
-        const uint32_t v = dedup[slot];
-        if (v == 0) {
-          const int64_t u = num_unique++;
-          dedup[slot] = static_cast<uint32_t>(u + 1);
-          uniques[u] = PartKey{key, 1, 0};
-          CopyFloats(sums + u * dim, grads + i * dim, dim);
-          break;
-        }
-        PartKey& pk = uniques[v - 1];
-        if (pk.key == key) {
-          if (pk.count < UINT32_MAX) ++pk.count;
-          AddFloats(sums + (v - 1) * dim, grads + i * dim, dim);
-          break;
-        }
-        slot = (slot + 1) & mask;
+      PartKey& pk = uniques[v - 1];
+      if (pk.key == key) {
+        if (pk.count < UINT32_MAX) ++pk.count;
+        AddFloats(sums + (v - 1) * dim, g, dim);
+        break;
       }
+      slot = (slot + 1) & mask;
     }
   }
   if (num_unique == 0) return Status();
@@ -785,14 +781,11 @@ Status PushPart(SparseTable& t, const int64_t* keys, const PartEntry* pe, int64_
   const int shards = 1 << (bits - part_bits);
   const int first = part << (bits - part_bits);
   std::vector<int64_t> begin(shards + 1, 0);
-  for (int64_t u = 0; u < num_unique; ++u) {
-    ++begin[t.ShardOf(KeyHash(uniques[u].key)) - first + 1];
-  }
+  for (int64_t u = 0; u < num_unique; ++u) ++begin[uniques[u].shard - first + 1];
   for (int s = 0; s < shards; ++s) begin[s + 1] += begin[s];
   std::vector<int64_t> cursor(begin.begin(), begin.end() - 1);
   for (int64_t u = 0; u < num_unique; ++u) {
-    const int s = t.ShardOf(KeyHash(uniques[u].key)) - first;
-    entries[cursor[s]++] = GroupedKey{uniques[u].key, u};
+    entries[cursor[uniques[u].shard - first]++] = GroupedKey{uniques[u].key, u};
   }
 
   const bool admission = c.admission_min_count > 1;
@@ -801,29 +794,29 @@ Status PushPart(SparseTable& t, const int64_t* keys, const PartEntry* pe, int64_
   Update update;
   Status status;
   for (int s = 0; s < shards && status.ok(); ++s) {
-    const int64_t k = begin[s + 1] - begin[s];
-    if (k == 0) continue;
+    const int64_t n = begin[s + 1] - begin[s];
+    if (n == 0) continue;
     Shard& sh = t.shard(first + s);
-    const GroupedKey* e = entries + begin[s];
+    const GroupedKey* d = entries + begin[s];
     absl::MutexLock l(&sh.mu);
     ForEachKeyPrefetched(
-        sh, e, k, c.row_bytes(),
+        sh, d, n, c.row_bytes(),
         [&](int64_t i, uint64_t h) ABSL_NO_THREAD_SAFETY_ANALYSIS {
           if (!status.ok()) return;
-          const int64_t r = sh.index.Find(h, e[i].key, sh.arena);
+          const int64_t r = sh.index.Find(h, d[i].key, sh.arena);
           char* row;
           if (r >= 0) {
             row = sh.arena.Row(r);
           } else {
             if (admission) return;  // not admitted yet: the gradient is dropped
-            row = t.InsertRow(sh, h, e[i].key, step, &status);
+            row = t.InsertRow(sh, h, d[i].key, step, &status);
             if (row == nullptr) return;
           }
           float* w = reinterpret_cast<float*>(row + value_offset);
           uint32_t* counters = t.Counters(row);
-          update(c, lr, sums + e[i].pos * dim, w, w + dim, counters);
+          update(c, lr, sums + d[i].pos * dim, w, w + dim, counters);
           if (c.track_usage) {
-            const uint32_t count = uniques[e[i].pos].count;
+            const uint32_t count = uniques[d[i].pos].count;
             uint32_t& freq = counters[c.frequency_counter()];
             freq = count > UINT32_MAX - freq ? UINT32_MAX : freq + count;
             counters[c.last_step_counter()] = step_counter;
@@ -837,80 +830,42 @@ template <typename Update>
 Status PushParts(OpKernelContext* ctx, SparseTable* table, const int64_t* keys, int64_t n,
                  const float* grads, float lr, int64_t step) {
   const int64_t dim = table->dim();
-  const int bits = table->shard_bits();
   // Parts: a power of two, at most the shards, about two per thread, and
   // one for small batches.
   int part_bits = 0;
-  while ((1 << part_bits) < std::min(2 * CpuNumThreads(ctx), kMaxParts) && part_bits < bits &&
-         (n >> part_bits) >= 8192) {
+  while ((1 << part_bits) < std::min(2 * CpuNumThreads(ctx), kMaxParts) &&
+         part_bits < table->shard_bits() && (n >> part_bits) >= 8192) {
     ++part_bits;
   }
   const int parts = 1 << part_bits;
-  // The batch is cut into ranges hashed in parallel; a counting sort by
-  // part (counters on each thread's stack) puts every part's keys in batch
-  // order, with their hashes.
-  const int ranges = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>(CpuNumThreads(ctx), n / 16384)));
   using sparse_table::CallScratch;
   sparse_table::CallScratch scratch;
   TF_RETURN_IF_ERROR(scratch.Reserve(
-      ctx, CallScratch::Round(n * sizeof(uint64_t)) + CallScratch::Round(n * sizeof(PartEntry)) +
-               CallScratch::Round(n * sizeof(PartKey)) +
+      ctx, sparse_table::GroupScratchBytes(n) + CallScratch::Round(n * sizeof(PartKey)) +
                CallScratch::Round(n * dim * sizeof(float)) +
                CallScratch::Round(n * sizeof(GroupedKey)) +
                CallScratch::Round((4 * n + 16 * parts) * sizeof(uint32_t))));
-  uint64_t* hashes = scratch.Take<uint64_t>(n);
-  PartEntry* part_entries = scratch.Take<PartEntry>(n);
+  KeyGroups g;  // the parts' keys, each in batch order
+  sparse_table::GroupKeysByHashPrefix(ctx, keys, n, part_bits, &scratch, &g);
   PartKey* uniques = scratch.Take<PartKey>(n);
   float* sums = scratch.Take<float>(n * dim);
   GroupedKey* entries = scratch.Take<GroupedKey>(n);
-
-  std::vector<int64_t> counts(static_cast<size_t>(ranges) * parts, 0);
-  const int part_shift = 64 - part_bits;
-  auto part_of = [part_shift](uint64_t h) {
-    return part_shift == 64 ? 0 : static_cast<int>(h >> part_shift);
-  };
-  CpuForEachShard(ctx, n, ranges, [&](int b, int64_t begin, int64_t end) {
-    int64_t cnt[kMaxParts] = {0};
-    for (int64_t i = begin; i < end; ++i) {
-      const uint64_t h = KeyHash(keys[i]);
-      hashes[i] = h;
-      ++cnt[part_of(h)];
-    }
-    std::copy(cnt, cnt + parts, counts.begin() + static_cast<size_t>(b) * parts);
-  });
-  std::vector<int64_t> base(parts + 1, 0), dedup_base(parts + 1, 0);
+  std::vector<int64_t> dedup_base(parts + 1, 0);
   for (int p = 0; p < parts; ++p) {
-    int64_t k = 0;
-    for (int b = 0; b < ranges; ++b) {
-      int64_t& c = counts[static_cast<size_t>(b) * parts + p];
-      const int64_t kb = c;
-      c = base[p] + k;  // becomes range b's write cursor for part p
-      k += kb;
-    }
-    base[p + 1] = base[p] + k;
+    const int64_t k = g.begin[p + 1] - g.begin[p];
     dedup_base[p + 1] = dedup_base[p] + (k == 0 ? 0 : PartDedupSize(k));
   }
-  CpuForEachShard(ctx, n, ranges, [&](int b, int64_t begin, int64_t end) {
-    int64_t cursor[kMaxParts];
-    std::copy(counts.begin() + static_cast<size_t>(b) * parts,
-              counts.begin() + static_cast<size_t>(b + 1) * parts, cursor);
-    for (int64_t i = begin; i < end; ++i) {
-      const uint64_t h = hashes[i];
-      part_entries[cursor[part_of(h)]++] = PartEntry{i, h};
-    }
-  });
   uint32_t* dedup = scratch.Take<uint32_t>(dedup_base[parts]);
 
   std::vector<Status> status(parts);
   CpuForEachShard(ctx, parts, parts, [&](int, int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      if (base[p + 1] == base[p]) continue;
-      status[p] = PushPart<Update>(*table, keys, part_entries + base[p], base[p + 1] - base[p],
-                                   static_cast<int>(p), part_bits, grads,
-                                   lr, step, uniques + base[p], sums + base[p] * dim,
-                                   dedup + dedup_base[p], dedup_base[p + 1] - dedup_base[p],
-                                   entries + base[p]);
+      const int64_t b = g.begin[p];
+      if (g.begin[p + 1] == b) continue;
+      status[p] = PushPart<Update>(*table, g.entries + b, g.begin[p + 1] - b,
+                                   static_cast<int>(p), part_bits, grads, lr, step,
+                                   uniques + b, sums + b * dim, dedup + dedup_base[p],
+                                   dedup_base[p + 1] - dedup_base[p], entries + b);
     }
   });
   for (const Status& s : status) TF_RETURN_IF_ERROR(s);
