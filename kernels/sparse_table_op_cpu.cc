@@ -663,17 +663,17 @@ Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
   constexpr int64_t kMinRange = 8192;
   const int ranges = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>(CpuNumThreads(ctx), n / kMinRange)));
-  std::vector<int64_t> range_misses(ranges, 0);
+  std::vector<int64_t> range_begin(ranges, 0), range_misses(ranges, 0);
   CpuForEachShard(ctx, n, ranges, [&](int b, int64_t begin, int64_t end) {
     sparse_table::AllShardsLock lock(table, /*exclusive=*/false);
+    range_begin[b] = begin;
     range_misses[b] =
         PullPresent(*table, keys, begin, end, insert_missing, values, misses + begin);
   });
-  int64_t m = 0;
+  int64_t m = 0;  // compacts the ranges' misses, in batch order
   for (int b = 0; b < ranges; ++b) {
-    const int64_t begin = n * b / ranges;
-    if (m != begin && range_misses[b] > 0) {
-      std::memmove(misses + m, misses + begin, range_misses[b] * sizeof(int64_t));
+    if (m != range_begin[b] && range_misses[b] > 0) {
+      std::memmove(misses + m, misses + range_begin[b], range_misses[b] * sizeof(int64_t));
     }
     m += range_misses[b];
   }
