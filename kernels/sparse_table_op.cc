@@ -359,7 +359,7 @@ class SparseTableImportOp : public OpKernel {
     CpuParallelFor(
         ctx, S, std::max<int64_t>(1, n / S) * (8 * dim + 200) + 1, [&](int64_t sb, int64_t se) {
           for (int64_t s = sb; s < se; ++s) {
-            fresh[s] = std::make_unique<Shard>(c.row_bytes());
+            fresh[s] = std::make_unique<Shard>(table->chunk_pool());
             Shard& sh = *fresh[s];
             absl::MutexLock l(&sh.mu);  // uncontended; keeps the invariants
             const int64_t k = g.begin[s + 1] - g.begin[s];

@@ -257,7 +257,7 @@ struct FtrlUpdate {
 // One shard: its lock and the storage it guards. Cache-line aligned so
 // neighbouring shards' locks do not share a line.
 struct alignas(64) Shard {
-  explicit Shard(int64_t stride) : arena(stride) {}
+  explicit Shard(ChunkPool* pool) : arena(pool) {}
   mutable absl::Mutex mu;  // reader/writer
   RowArena arena ABSL_GUARDED_BY(mu);
   ShardIndex index ABSL_GUARDED_BY(mu);
@@ -276,6 +276,8 @@ class SparseTable : public tensorflow::ResourceBase {
   int num_shards() const { return config_.num_shards; }
   int shard_bits() const { return shard_bits_; }
   Shard& shard(int s) { return *shards_[s]; }
+  // Where every shard's rows live (new shards, e.g. import's, too).
+  ChunkPool* chunk_pool() { return &pool_; }
 
   // Key -> shard: the one routing function (see ShardOfHash).
   int ShardOf(uint64_t hash) const { return ShardOfHash(hash, shard_bits_); }
@@ -332,6 +334,7 @@ class SparseTable : public tensorflow::ResourceBase {
  private:
   const TableConfig config_;
   const int shard_bits_;
+  ChunkPool pool_;  // outlives the shards
   std::vector<std::unique_ptr<Shard>> shards_;
   std::atomic<int64_t> step_{0};
   absl::Mutex dense_init_mu_;

@@ -249,10 +249,10 @@ void InitialValues(const TableConfig& c, int64_t key, float* out) {
 // SparseTable
 
 SparseTable::SparseTable(const TableConfig& config)
-    : config_(config), shard_bits_(config.shard_bits()) {
+    : config_(config), shard_bits_(config.shard_bits()), pool_(config.row_bytes()) {
   shards_.reserve(config_.num_shards);
   for (int s = 0; s < config_.num_shards; ++s) {
-    shards_.push_back(std::make_unique<Shard>(config_.row_bytes()));
+    shards_.push_back(std::make_unique<Shard>(&pool_));
   }
 }
 
@@ -270,10 +270,10 @@ int64_t SparseTable::Size() const {
 }
 
 int64_t SparseTable::MemoryUsed() const {
-  int64_t bytes = sizeof(*this);
+  int64_t bytes = sizeof(*this) + pool_.BytesAllocated();
   for (const auto& sh : shards_) {
     absl::ReaderMutexLock l(&sh->mu);
-    bytes += sizeof(Shard) + sh->arena.BytesAllocated() +
+    bytes += sizeof(Shard) + sh->arena.BookkeepingBytes() +
              sh->index.BytesAllocated() + sh->candidates.BytesAllocated();
   }
   return bytes;
@@ -469,7 +469,12 @@ namespace {
 // index bucket, and key i + 8's (probable) row, found through its bucket.
 constexpr int64_t kBucketAhead = 16;
 constexpr int64_t kRowAhead = 8;
-constexpr int64_t kRing = 32;  // power of two > kBucketAhead
+// The pull's batch-order loop does less work per key (most keys of a skewed
+// batch are hot and hit the caches), so it looks twice as far ahead for the
+// rare cold keys: a bucket must arrive before its row can be prefetched.
+constexpr int64_t kPullBucketAhead = 32;
+constexpr int64_t kPullRowAhead = 16;
+constexpr int64_t kRing = 64;  // power of two > every "ahead" distance
 
 // Prefetches the cache lines of [p, p + bytes) (for writing if `write`).
 template <bool write>
@@ -545,14 +550,14 @@ int64_t PullPresent(SparseTable& t, const int64_t* keys, int64_t begin, int64_t 
     const int64_t r = sh.index.FirstCandidate(hashes[j & (kRing - 1)]);
     if (r >= 0) PrefetchBytes<false>(sh.arena.Row(r), row_bytes);
   };
-  const int64_t a = std::min(end, begin + kBucketAhead);
+  const int64_t a = std::min(end, begin + kPullBucketAhead);
   for (int64_t j = begin; j < a; ++j) bucket_stage(j);
-  const int64_t b = std::min(end, begin + kRowAhead);
+  const int64_t b = std::min(end, begin + kPullRowAhead);
   for (int64_t j = begin; j < b; ++j) row_stage(j);
   int64_t m = 0;
   for (int64_t i = begin; i < end; ++i) {
-    if (i + kBucketAhead < end) bucket_stage(i + kBucketAhead);
-    if (i + kRowAhead < end) row_stage(i + kRowAhead);
+    if (i + kPullBucketAhead < end) bucket_stage(i + kPullBucketAhead);
+    if (i + kPullRowAhead < end) row_stage(i + kPullRowAhead);
     const Shard& sh = *shards[i & (kRing - 1)];
     const int64_t r = sh.index.Find(hashes[i & (kRing - 1)], keys[i], sh.arena);
     if (r >= 0) {

@@ -1,16 +1,18 @@
 // See docs in ../ops/sparse_table_ops.cc.
 //
 // The storage of one shard of a sparse table: a row arena and a flat hash
-// index over it, plus the key counter used for admission. Nothing here locks;
-// the owner (SparseTable in sparse_table_op.h) guards each shard with its own
-// reader/writer lock.
+// index over it, plus the key counter used for admission, and the chunk pool
+// the shards of a table share. Only the pool locks; the owner (SparseTable in
+// sparse_table_op.h) guards each shard with its own reader/writer lock.
 #ifndef HPC_OPS_KERNELS_SPARSE_TABLE_OP_MAP_H_
 #define HPC_OPS_KERNELS_SPARSE_TABLE_OP_MAP_H_
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <memory>
 #include <new>
 #include <utility>
@@ -20,6 +22,8 @@
 #include <emmintrin.h>
 #endif
 
+#include "absl/synchronization/mutex.h"
+#include "kernels/common/huge_pages.h"
 #include "tensorflow/core/platform/mem.h"
 
 namespace hpc_ops {
@@ -53,20 +57,131 @@ inline int ShardOfKey(int64_t key, int shard_bits) {
 }
 
 // ---------------------------------------------------------------------------
-// RowArena: rows of a fixed byte stride in fixed-size chunks. A row index
-// stays valid until the row is moved by Compact(); growth never moves rows
-// (no realloc), and the unused tail is at most one chunk per shard.
-class RowArena {
+// ChunkPool: the memory of one table's row chunks (all of one size, set by
+// the row stride), shared by its shards. Once the table holds a few
+// megabytes of rows, chunks are carved from 2 MiB-aligned slabs for which
+// Linux is asked for transparent huge pages (common/huge_pages.h): a pull or
+// push reads rows at random over tens of megabytes, and one TLB entry then
+// covers 2 MiB of rows instead of 4 KiB. The first slabs are smaller (no
+// huge pages), so a small table does not take 2 MiB. A slab whose chunks
+// are all free goes back to the system; freed chunks are reused first.
+// Thread-safe: shards allocate and free under their own locks.
+class ChunkPool {
  public:
-  // Rows per chunk: a power of two with chunks of about kChunkBytes.
+  // Chunks hold a power of two of rows, about kChunkBytes in all.
   static constexpr int64_t kChunkBytes = 32 << 10;
+  static constexpr size_t kSlabBytes = size_t{2} << 20;
 
-  explicit RowArena(int64_t stride) : stride_(stride) {
+  explicit ChunkPool(int64_t stride) : stride_(stride) {
     int shift = 0;
     while ((int64_t{2} << shift) * stride_ <= kChunkBytes) ++shift;
     chunk_shift_ = shift;
-    chunk_mask_ = (uint64_t{1} << shift) - 1;
+    chunk_bytes_ = static_cast<size_t>(stride_) << shift;
   }
+  ~ChunkPool() {
+    for (auto& it : slabs_) tensorflow::port::AlignedFree(it.second.base);
+  }
+  ChunkPool(const ChunkPool&) = delete;
+  ChunkPool& operator=(const ChunkPool&) = delete;
+
+  int64_t stride() const { return stride_; }
+  int chunk_shift() const { return chunk_shift_; }
+  size_t chunk_bytes() const { return chunk_bytes_; }
+
+  // A chunk of chunk_bytes() (uninitialised), or nullptr when memory runs
+  // out.
+  char* Allocate() {
+    absl::MutexLock l(&mu_);
+    while (!available_.empty()) {
+      Slab& slab = *available_.back();
+      if (!slab.free.empty()) {
+        char* chunk = slab.free.back();
+        slab.free.pop_back();
+        ++slab.used;
+        return chunk;
+      }
+      slab.available = false;
+      available_.pop_back();
+    }
+    // A new slab: as large as what the table already has (at least one
+    // chunk, at most kSlabBytes); full-size slabs are aligned to and
+    // advised as huge pages.
+    const size_t want = std::min(kSlabBytes, std::max(chunk_bytes_, bytes_));
+    const size_t chunks = std::max<size_t>(1, want / chunk_bytes_);
+    const bool huge = want == kSlabBytes;
+    const size_t bytes = huge ? kSlabBytes : chunks * chunk_bytes_;
+    void* base = tensorflow::port::AlignedMalloc(
+        bytes, std::align_val_t{huge ? kSlabBytes : size_t{64}});
+    if (base == nullptr) return nullptr;
+    if (huge && HugePagesAvailable()) AdviseHugePages(base, static_cast<int64_t>(bytes));
+    bytes_ += bytes;
+    Slab& slab = slabs_[reinterpret_cast<uintptr_t>(base)];
+    slab.base = static_cast<char*>(base);
+    slab.bytes = bytes;
+    slab.free.reserve(chunks);
+    for (size_t i = chunks; i-- > 1;) slab.free.push_back(slab.base + i * chunk_bytes_);
+    slab.used = 1;
+    if (!slab.free.empty()) {
+      slab.available = true;
+      available_.push_back(&slab);
+    }
+    return slab.base;
+  }
+
+  // Returns a chunk from Allocate().
+  void Free(char* chunk) {
+    absl::MutexLock l(&mu_);
+    auto it = slabs_.upper_bound(reinterpret_cast<uintptr_t>(chunk));
+    if (it == slabs_.begin()) return;  // not a chunk of this pool
+    --it;  // the slab holding `chunk`
+    Slab& slab = it->second;
+    slab.free.push_back(chunk);
+    if (--slab.used == 0) {
+      if (slab.available) {
+        available_.erase(std::find(available_.begin(), available_.end(), &slab));
+      }
+      bytes_ -= slab.bytes;
+      tensorflow::port::AlignedFree(slab.base);
+      slabs_.erase(it);
+    } else if (!slab.available) {
+      slab.available = true;
+      available_.push_back(&slab);
+    }
+  }
+
+  int64_t BytesAllocated() const {
+    absl::MutexLock l(&mu_);
+    return static_cast<int64_t>(bytes_);
+  }
+
+ private:
+  struct Slab {
+    char* base = nullptr;
+    size_t bytes = 0;
+    std::vector<char*> free;  // its free chunks
+    size_t used = 0;          // chunks handed out
+    bool available = false;   // in available_
+  };
+
+  const int64_t stride_;
+  int chunk_shift_ = 0;
+  size_t chunk_bytes_ = 0;
+  mutable absl::Mutex mu_;
+  std::map<uintptr_t, Slab> slabs_ ABSL_GUARDED_BY(mu_);  // by base address
+  std::vector<Slab*> available_ ABSL_GUARDED_BY(mu_);     // slabs with free chunks
+  size_t bytes_ ABSL_GUARDED_BY(mu_) = 0;                 // of all slabs
+};
+
+// ---------------------------------------------------------------------------
+// RowArena: rows of a fixed byte stride in fixed-size chunks from the
+// table's ChunkPool. A row index stays valid until the row is moved by
+// Compact(); growth never moves rows (no realloc), and the unused tail is
+// at most one chunk per shard.
+class RowArena {
+ public:
+  explicit RowArena(ChunkPool* pool)
+      : pool_(pool), stride_(pool->stride()), chunk_shift_(pool->chunk_shift()),
+        chunk_mask_((uint64_t{1} << pool->chunk_shift()) - 1) {}
   ~RowArena() { Release(); }
   RowArena(const RowArena&) = delete;
   RowArena& operator=(const RowArena&) = delete;
@@ -88,10 +203,9 @@ class RowArena {
   // runs out.
   int64_t Append() {
     if (size_ == capacity()) {
-      void* chunk = tensorflow::port::AlignedMalloc(
-          static_cast<size_t>(stride_ << chunk_shift_), std::align_val_t{64});
+      char* chunk = pool_->Allocate();
       if (chunk == nullptr) return -1;
-      chunks_.push_back(static_cast<char*>(chunk));
+      chunks_.push_back(chunk);
     }
     return static_cast<int64_t>(size_++);
   }
@@ -111,35 +225,34 @@ class RowArena {
     size_ = out;
     const uint64_t chunks_needed = (size_ + chunk_mask_) >> chunk_shift_;
     while (chunks_.size() > chunks_needed) {
-      tensorflow::port::AlignedFree(chunks_.back());
+      pool_->Free(chunks_.back());
       chunks_.pop_back();
     }
     return removed;
   }
 
+  // Exchanges the contents of two arenas of the same pool.
   void Swap(RowArena& other) {
-    std::swap(stride_, other.stride_);
-    std::swap(chunk_shift_, other.chunk_shift_);
-    std::swap(chunk_mask_, other.chunk_mask_);
     std::swap(size_, other.size_);
     chunks_.swap(other.chunks_);
   }
 
-  int64_t BytesAllocated() const {
-    return static_cast<int64_t>(chunks_.size() * (stride_ << chunk_shift_) +
-                                chunks_.capacity() * sizeof(char*));
+  // Bytes of the chunk list (the chunks themselves are the pool's).
+  int64_t BookkeepingBytes() const {
+    return static_cast<int64_t>(chunks_.capacity() * sizeof(char*));
   }
 
  private:
   void Release() {
-    for (char* c : chunks_) tensorflow::port::AlignedFree(c);
+    for (char* c : chunks_) pool_->Free(c);
     chunks_.clear();
     size_ = 0;
   }
 
-  int64_t stride_;
-  int chunk_shift_ = 0;
-  uint64_t chunk_mask_ = 0;
+  ChunkPool* const pool_;
+  const int64_t stride_;
+  const int chunk_shift_;
+  const uint64_t chunk_mask_;
   uint64_t size_ = 0;
   std::vector<char*> chunks_;
 };
