@@ -808,6 +808,11 @@ Status PushPart(SparseTable& t, const GroupedKey* e, int64_t k, int part, int pa
         sh, d, n, c.row_bytes(),
         [&](int64_t i, uint64_t h) ABSL_NO_THREAD_SAFETY_ANALYSIS {
           if (!status.ok()) return;
+          // The sums are in order of first occurrence, read here in shard
+          // order: fetch them as far ahead as the rows.
+          if (i + kRowAhead < n) {
+            PrefetchBytes<false>(sums + d[i + kRowAhead].pos * dim, grad_bytes);
+          }
           const int64_t r = sh.index.Find(h, d[i].key, sh.arena);
           char* row;
           if (r >= 0) {
