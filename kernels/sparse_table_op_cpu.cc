@@ -1,7 +1,7 @@
 // See docs in ../ops/sparse_table_ops.cc.
 //
 // The SparseTable resource and the CPU pull/push algorithms. A pull reads
-// the batch in order, one contiguous range per thread under every shard's
+// the batch in order, in chunks the threads share out, under every shard's
 // reader lock; only the keys it missed are grouped by shard
 // (GroupKeysByShard: a parallel counting sort that keeps batch order inside
 // each shard) and inserted. A push splits the batch into parts that own
@@ -10,6 +10,7 @@
 // under their writer locks, so no two threads of one op ever wait for the
 // same shard lock.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -649,10 +650,10 @@ Status ForEachShard(OpKernelContext* ctx, const KeyGroups& g, int num_shards,
 
 }  // namespace
 
-// A pull reads in batch order: the batch is cut into one contiguous range
-// per thread, and each range is read under every shard's reader lock (taken
-// in shard order, like every multi-shard lock here), so rows are never torn
-// while the output is written sequentially. Only the keys that were missing
+// A pull reads in batch order: the threads take the batch's chunks in
+// order, each thread under every shard's reader lock (taken in shard order,
+// like every multi-shard lock here), so rows are never torn while the output
+// is written sequentially. Only the keys that were missing
 // are then grouped by shard and inserted, each shard under its writer lock.
 template <>
 Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable* table,
@@ -664,23 +665,36 @@ Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
   TF_RETURN_IF_ERROR(scratch.Reserve(ctx, 2 * CallScratch::Round(n * sizeof(int64_t)) +
                                               sparse_table::GroupScratchBytes(n)));
   int64_t* misses = scratch.Take<int64_t>(n);
-  // Ranges of at least 8k keys (a range pays num_shards lock round trips).
-  constexpr int64_t kMinRange = 8192;
-  const int ranges = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>(CpuNumThreads(ctx), n / kMinRange)));
-  std::vector<int64_t> range_begin(ranges, 0), range_misses(ranges, 0);
-  CpuForEachShard(ctx, n, ranges, [&](int b, int64_t begin, int64_t end) {
+  int64_t m = 0;  // misses, compacted in batch order
+  // The batch is read in chunks that the threads take in order from a
+  // shared counter, each thread under every shard's reader lock (taken once
+  // per thread): a thread that starts late (the cores are shared with the
+  // caller's other threads) leaves its share to the others. One thread per
+  // 8k keys at most (a thread pays num_shards lock round trips and a
+  // hand-off).
+  constexpr int64_t kChunk = 4096;
+  constexpr int64_t kKeysPerThread = 8192;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int workers = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(CpuNumThreads(ctx), n / kKeysPerThread)));
+  std::vector<int64_t> chunk_misses(chunks, 0);
+  std::atomic<int64_t> next{0};
+  CpuForEachShard(ctx, workers, workers, [&](int, int64_t, int64_t) {
+    int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+    if (c >= chunks) return;
     sparse_table::AllShardsLock lock(table, /*exclusive=*/false);
-    range_begin[b] = begin;
-    range_misses[b] =
-        PullPresent(*table, keys, begin, end, insert_missing, values, misses + begin);
-  });
-  int64_t m = 0;  // compacts the ranges' misses, in batch order
-  for (int b = 0; b < ranges; ++b) {
-    if (m != range_begin[b] && range_misses[b] > 0) {
-      std::memmove(misses + m, misses + range_begin[b], range_misses[b] * sizeof(int64_t));
+    for (; c < chunks; c = next.fetch_add(1, std::memory_order_relaxed)) {
+      const int64_t begin = c * kChunk;
+      const int64_t end = std::min(n, begin + kChunk);
+      chunk_misses[c] =
+          PullPresent(*table, keys, begin, end, insert_missing, values, misses + begin);
     }
-    m += range_misses[b];
+  });
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (m != c * kChunk && chunk_misses[c] > 0) {
+      std::memmove(misses + m, misses + c * kChunk, chunk_misses[c] * sizeof(int64_t));
+    }
+    m += chunk_misses[c];
   }
   if (m == 0) return Status();
 
