@@ -64,7 +64,7 @@ inline int ShardOfKey(int64_t key, int shard_bits) {
 // push reads rows at random over tens of megabytes, and one TLB entry then
 // covers 2 MiB of rows instead of 4 KiB. The first slabs are smaller (no
 // huge pages), so a small table does not take 2 MiB. A slab whose chunks
-// are all free goes back to the system; freed chunks are reused first.
+// are all free is freed; freed chunks are reused first.
 // Thread-safe: shards allocate and free under their own locks.
 class ChunkPool {
  public:
