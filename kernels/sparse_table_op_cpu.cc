@@ -759,7 +759,9 @@ Status PushPart(SparseTable& t, const GroupedKey* e, int64_t k, int part, int pa
   const int64_t grad_bytes = dim * static_cast<int64_t>(sizeof(float));
   std::memset(dedup, 0, dedup_size * sizeof(uint32_t));
   const uint64_t mask = static_cast<uint64_t>(dedup_size) - 1;
-  // Dedup slots and gradient rows are prefetched kBucketAhead keys ahead.
+  // Dedup slots and gradient rows are prefetched kBucketAhead keys ahead;
+  // kRowAhead keys ahead, the slot found there gives the distinct key's
+  // entry and sum to prefetch (when the key was seen before).
   uint64_t hashes[kRing];
   auto prefetch = [&](int64_t j) {
     const uint64_t h = KeyHash(e[j].key);
@@ -767,10 +769,19 @@ Status PushPart(SparseTable& t, const GroupedKey* e, int64_t k, int part, int pa
     __builtin_prefetch(&dedup[h & mask]);
     PrefetchBytes<false>(grads + e[j].pos * dim, grad_bytes);
   };
+  auto prefetch_sum = [&](int64_t j) {
+    const uint32_t v = dedup[hashes[j & (kRing - 1)] & mask];
+    if (v != 0) {
+      __builtin_prefetch(&uniques[v - 1]);
+      PrefetchBytes<false>(sums + (v - 1) * dim, grad_bytes);
+    }
+  };
   for (int64_t j = 0; j < std::min(k, kBucketAhead); ++j) prefetch(j);
+  for (int64_t j = 0; j < std::min(k, kRowAhead); ++j) prefetch_sum(j);
   int64_t num_unique = 0;
   for (int64_t j = 0; j < k; ++j) {
     if (j + kBucketAhead < k) prefetch(j + kBucketAhead);
+    if (j + kRowAhead < k) prefetch_sum(j + kRowAhead);
     const uint64_t h = hashes[j & (kRing - 1)];
     const int64_t key = e[j].key;
     const float* g = grads + e[j].pos * dim;
