@@ -92,16 +92,16 @@ class ChunkPool {
   // out.
   char* Allocate() {
     absl::MutexLock l(&mu_);
-    while (!available_.empty()) {
+    if (!available_.empty()) {
       Slab& slab = *available_.back();
-      if (!slab.free.empty()) {
-        char* chunk = slab.free.back();
-        slab.free.pop_back();
-        ++slab.used;
-        return chunk;
+      char* chunk = slab.free.back();
+      slab.free.pop_back();
+      ++slab.used;
+      if (slab.free.empty()) {
+        slab.available = false;
+        available_.pop_back();
       }
-      slab.available = false;
-      available_.pop_back();
+      return chunk;
     }
     // A new slab: as large as what the table already has (at least one
     // chunk, at most kSlabBytes); full-size slabs are aligned to and
@@ -168,7 +168,7 @@ class ChunkPool {
   size_t chunk_bytes_ = 0;
   mutable absl::Mutex mu_;
   std::map<uintptr_t, Slab> slabs_ ABSL_GUARDED_BY(mu_);  // by base address
-  std::vector<Slab*> available_ ABSL_GUARDED_BY(mu_);     // slabs with free chunks
+  std::vector<Slab*> available_ ABSL_GUARDED_BY(mu_);     // exactly the slabs with free chunks
   size_t bytes_ ABSL_GUARDED_BY(mu_) = 0;                 // of all slabs
 };
 
