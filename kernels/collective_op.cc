@@ -312,13 +312,18 @@ class HpcGroupedAllreduceOp : public CollectiveOpKernel {
           ctx, CheckSize("HpcGroupedAllreduce", ctx->input(i), i), done);
     }
     std::vector<Tensor> outputs(n);
-    for (int i = 0; i < n; ++i) {
-      Tensor* output = nullptr;
-      OP_REQUIRES_OK_ASYNC(ctx,
-                           ctx->forward_input_or_allocate_output(
-                               {i}, i, ctx->input(i).shape(), &output),
-                           done);
-      outputs[i] = *output;
+    const tensorflow::DataType dt = ctx->input(0).dtype();
+    if (n > 1 && dt != tensorflow::DT_HALF && dt != tensorflow::DT_BFLOAT16) {
+      OP_REQUIRES_OK_ASYNC(ctx, AllocateAdjacentOutputs(ctx, &outputs), done);
+    } else {
+      for (int i = 0; i < n; ++i) {
+        Tensor* output = nullptr;
+        OP_REQUIRES_OK_ASYNC(ctx,
+                             ctx->forward_input_or_allocate_output(
+                                 {i}, i, ctx->input(i).shape(), &output),
+                             done);
+        outputs[i] = *output;
+      }
     }
     struct Group {
       std::atomic<int> pending;
@@ -342,6 +347,40 @@ class HpcGroupedAllreduceOp : public CollectiveOpKernel {
   }
 
  private:
+  // The outputs as consecutive pieces of one buffer, each starting on a
+  // 64-byte boundary. Where no padding falls between two of them (byte sizes
+  // that are multiples of 64), the runtime packs the inputs straight into
+  // their outputs and reduces there in place, instead of packing into its
+  // fusion buffer and unpacking from it afterwards.
+  static absl::Status AllocateAdjacentOutputs(OpKernelContext* ctx,
+                                              std::vector<Tensor>* outputs) {
+    const int n = ctx->num_inputs();
+    const tensorflow::DataType dt = ctx->input(0).dtype();
+    const int64_t align = 64 / tensorflow::DataTypeSize(dt);
+    std::vector<int64_t> offsets(n + 1, 0);
+    for (int i = 0; i < n; ++i) {
+      const int64_t elems = ctx->input(i).NumElements();
+      const int64_t padded = (elems + align - 1) / align * align;
+      if (offsets[i] > std::numeric_limits<int64_t>::max() / 8 - padded) {
+        return InvalidArgument("HpcGroupedAllreduce: the tensors' total size "
+                               "must fit in int64 as 8-byte elements");
+      }
+      offsets[i + 1] = offsets[i] + padded;
+    }
+    Tensor flat;
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(
+        dt, TensorShape({std::max<int64_t>(offsets[n], 1)}), &flat));
+    for (int i = 0; i < n; ++i) {
+      Tensor piece = flat.Slice(offsets[i],
+                                offsets[i] + ctx->input(i).NumElements());
+      if (!(*outputs)[i].CopyFrom(piece, ctx->input(i).shape())) {
+        return absl::InternalError("HpcGroupedAllreduce: output reshape");
+      }
+      ctx->set_output(i, (*outputs)[i]);
+    }
+    return absl::OkStatus();
+  }
+
   ReduceOp op_ = ReduceOp::kSum;
 };
 

@@ -667,7 +667,17 @@ class AllreduceExecution : public Execution {
     for (const auto& r : requests_) n_ += r->input.NumElements();
     ctx_ = requests_[0]->ctx;
     packed_ = requests_.size() > 1 || requests_[0]->input.dtype() != rt_;
-    if (packed_) {
+    if (packed_ && OutputsAdjacent()) {
+      // The outputs tile one region in the fused layout (a grouped
+      // allreduce's, see HpcGroupedAllreduceOp): pack the inputs there and
+      // reduce in place, with nothing to unpack afterwards.
+      for (const auto& r : requests_) {
+        const char* in = r->input.tensor_data().data();
+        char* out = MutableData(&r->output);
+        if (in != out) std::memcpy(out, in, r->input.TotalBytes());
+      }
+      src_ = dst_ = MutableData(&requests_[0]->output);
+    } else if (packed_) {
       char* buf = fusion_->Reserve(n_ * esize_);
       if (buf == nullptr && n_ > 0) {
         return absl::ResourceExhaustedError(
@@ -680,6 +690,7 @@ class AllreduceExecution : public Execution {
         off += r->input.NumElements();
       }
       src_ = dst_ = buf;
+      unpack_ = true;
     } else {
       src_ = const_cast<char*>(requests_[0]->input.tensor_data().data());
       dst_ = MutableData(&requests_[0]->output);
@@ -795,7 +806,7 @@ class AllreduceExecution : public Execution {
       return absl::InternalError(
           "hpc_ops: allreduce stalled with no message in flight");
     }
-    if (packed_) {
+    if (unpack_) {
       int64_t off = 0;
       for (auto& r : requests_) {
         UnpackOutput(ctx_, dst_ + off * esize_, &r->output);
@@ -807,6 +818,20 @@ class AllreduceExecution : public Execution {
   }
 
  private:
+  // True when every request's input is of the reduction type and the
+  // outputs lie back to back in request order (the fused layout), so that
+  // the region they tile can serve as the fusion buffer.
+  bool OutputsAdjacent() const {
+    const char* next = nullptr;
+    for (const auto& r : requests_) {
+      if (r->input.dtype() != rt_ || r->output.dtype() != rt_) return false;
+      const char* out = r->output.tensor_data().data();
+      if (out == nullptr || (next != nullptr && out != next)) return false;
+      next = out + r->output.TotalBytes();
+    }
+    return true;
+  }
+
   int64_t ChunkBegin(int r) const {
     return static_cast<int64_t>(static_cast<__int128>(n_) * r / size_);
   }
@@ -860,7 +885,8 @@ class AllreduceExecution : public Execution {
   tensorflow::OpKernelContext* ctx_ = nullptr;
   int64_t esize_ = 0;
   int64_t n_ = 0;
-  bool packed_ = false;
+  bool packed_ = false;  // several requests, or a conversion
+  bool unpack_ = false;  // packed into the fusion buffer
   char* src_ = nullptr;
   char* dst_ = nullptr;
   int64_t c0_ = 0;  // this rank's chunk starts here (elements)

@@ -298,6 +298,27 @@ def check_grouped_allreduce():
     np.testing.assert_array_equal(as_f64(y),
                                   reference(tf.float32, (4096,), "sum", 300 + i))
 
+  # Byte sizes that are multiples of 64: the outputs tile one buffer, where
+  # the tensors are reduced in place (no unpacking), with empty tensors
+  # between them, several pipeline segments per rank (2.5 MB in all) and
+  # chunk boundaries inside tensors; the inputs stay intact.
+  for d in (tf.int32, tf.int64, tf.float32, tf.float64):
+    per = 64 // d.size
+    shapes = [(3 * per,), (0,), (1001 * per, 2), (0, 4), (37003 * per,), (per,)]
+    for op in ("sum", "average"):
+      xs = [rank_tensor(R, d, s, op, salt=400 + i) for i, s in enumerate(shapes)]
+      before = [as_f64(x) for x in xs]
+      eager = hd.grouped_allreduce(xs, op=op, name="tiled.%s.%s" % (d.name, op))
+      traced = tf.function(lambda v, op=op: hd.grouped_allreduce(v, op=op))(xs)
+      for ys in (eager, traced):
+        for i, (y, s) in enumerate(zip(ys, shapes, strict=True)):
+          assert y.dtype == d and y.shape == s, (y.dtype, y.shape, d, s)
+          np.testing.assert_array_equal(
+              as_f64(y), reference(d, s, op, 400 + i),
+              err_msg="tiled %s %s %s" % (op, d.name, s))
+      for x, b in zip(xs, before):
+        np.testing.assert_array_equal(as_f64(x), b)
+
 
 def check_mismatch_errors():
   F = tf.errors.FailedPreconditionError
