@@ -347,30 +347,51 @@ class HpcGroupedAllreduceOp : public CollectiveOpKernel {
   }
 
  private:
-  // The outputs as consecutive pieces of one buffer, each starting on a
-  // 64-byte boundary. Where no padding falls between two of them (byte sizes
-  // that are multiples of 64), the runtime packs the inputs straight into
-  // their outputs and reduces there in place, instead of packing into its
-  // fusion buffer and unpacking from it afterwards.
+  // Each input that nothing else holds becomes its output (reduced in place,
+  // no extra memory); the other outputs are consecutive pieces of one
+  // buffer, each starting on a 64-byte boundary. Where no padding falls
+  // between them (byte sizes that are multiples of 64), the runtime packs
+  // the inputs straight into their outputs and reduces there, instead of
+  // packing into its fusion buffer and unpacking from it afterwards.
   static absl::Status AllocateAdjacentOutputs(OpKernelContext* ctx,
                                               std::vector<Tensor>* outputs) {
     const int n = ctx->num_inputs();
     const tensorflow::DataType dt = ctx->input(0).dtype();
     const int64_t align = 64 / tensorflow::DataTypeSize(dt);
     std::vector<int64_t> offsets(n + 1, 0);
+    std::vector<bool> forwarded(n, false);
     for (int i = 0; i < n; ++i) {
-      const int64_t elems = ctx->input(i).NumElements();
-      const int64_t padded = (elems + align - 1) / align * align;
-      if (offsets[i] > std::numeric_limits<int64_t>::max() / 8 - padded) {
-        return InvalidArgument("HpcGroupedAllreduce: the tensors' total size "
-                               "must fit in int64 as 8-byte elements");
+      Tensor* out = nullptr;
+      int64_t padded = 0;
+      if (ctx->forward_input_to_output_with_shape(i, i, ctx->input(i).shape(),
+                                                  &out)) {
+        (*outputs)[i] = *out;
+        forwarded[i] = true;
+      } else {
+        const int64_t elems = ctx->input(i).NumElements();
+        padded = (elems + align - 1) / align * align;
+        if (offsets[i] > std::numeric_limits<int64_t>::max() / 8 - padded) {
+          return InvalidArgument("HpcGroupedAllreduce: the tensors' total "
+                                 "size must fit in int64 as 8-byte elements");
+        }
       }
       offsets[i + 1] = offsets[i] + padded;
     }
+    if (offsets[n] == 0) {  // all forwarded (or empty)
+      for (int i = 0; i < n; ++i) {
+        if (forwarded[i]) continue;
+        Tensor* out = nullptr;
+        TF_RETURN_IF_ERROR(
+            ctx->allocate_output(i, ctx->input(i).shape(), &out));
+        (*outputs)[i] = *out;
+      }
+      return absl::OkStatus();
+    }
     Tensor flat;
-    TF_RETURN_IF_ERROR(ctx->allocate_temp(
-        dt, TensorShape({std::max<int64_t>(offsets[n], 1)}), &flat));
+    TF_RETURN_IF_ERROR(
+        ctx->allocate_temp(dt, TensorShape({offsets[n]}), &flat));
     for (int i = 0; i < n; ++i) {
+      if (forwarded[i]) continue;
       Tensor piece = flat.Slice(offsets[i],
                                 offsets[i] + ctx->input(i).NumElements());
       if (!(*outputs)[i].CopyFrom(piece, ctx->input(i).shape())) {

@@ -298,8 +298,9 @@ def check_grouped_allreduce():
     np.testing.assert_array_equal(as_f64(y),
                                   reference(tf.float32, (4096,), "sum", 300 + i))
 
-  # Byte sizes that are multiples of 64: the outputs tile one buffer, where
-  # the tensors are reduced in place (no unpacking), with empty tensors
+  # Byte sizes that are multiples of 64: the outputs of inputs held
+  # elsewhere tile one buffer, where the tensors are reduced (no unpacking
+  # from the fusion buffer), with empty tensors
   # between them, several pipeline segments per rank (2.5 MB in all) and
   # chunk boundaries inside tensors; the inputs stay intact.
   for d in (tf.int32, tf.int64, tf.float32, tf.float64):
@@ -310,7 +311,13 @@ def check_grouped_allreduce():
       before = [as_f64(x) for x in xs]
       eager = hd.grouped_allreduce(xs, op=op, name="tiled.%s.%s" % (d.name, op))
       traced = tf.function(lambda v, op=op: hd.grouped_allreduce(v, op=op))(xs)
-      for ys in (eager, traced):
+      # Inputs that nothing else holds are reduced in place instead: all of
+      # them, or every other one.
+      forwarded = tf.function(lambda v, op=op: hd.grouped_allreduce(
+          [t * 1 for t in v], op=op))(xs)
+      mixed = tf.function(lambda v, op=op: hd.grouped_allreduce(
+          [t * 1 if i % 2 else t for i, t in enumerate(v)], op=op))(xs)
+      for ys in (eager, traced, forwarded, mixed):
         for i, (y, s) in enumerate(zip(ys, shapes, strict=True)):
           assert y.dtype == d and y.shape == s, (y.dtype, y.shape, d, s)
           np.testing.assert_array_equal(
