@@ -278,15 +278,17 @@ class HpcAllreduceOp : public CollectiveOpKernel {
     OP_REQUIRES_OK_ASYNC(ctx, collective::EnsureInitialized(), done);
     const Tensor& input = ctx->input(0);
     OP_REQUIRES_OK_ASYNC(ctx, CheckSize("HpcAllreduce", input), done);
-    Tensor* output = nullptr;
-    // Reduce in place when nothing else holds the input.
-    OP_REQUIRES_OK_ASYNC(
-        ctx,
-        ctx->forward_input_or_allocate_output({0}, 0, input.shape(), &output),
-        done);
     auto r = NewRequest(ctx, OpType::kAllreduce, std::move(done));
     r->reduce_op = op_;
-    r->output = *output;
+    // Reduce in place when nothing else holds the input; otherwise the
+    // runtime allocates the output when the operation starts (the outputs of
+    // a fused operation then share one buffer, reduced in place).
+    Tensor* output = nullptr;
+    if (ctx->forward_input_to_output_with_shape(0, 0, input.shape(), &output)) {
+      r->output = *output;
+    } else {
+      r->output_pending = true;
+    }
     collective::Enqueue(std::move(r));
   }
 

@@ -666,6 +666,7 @@ class AllreduceExecution : public Execution {
     n_ = 0;
     for (const auto& r : requests_) n_ += r->input.NumElements();
     ctx_ = requests_[0]->ctx;
+    TF_RETURN_IF_ERROR(AllocateOutputs());
     packed_ = requests_.size() > 1 || requests_[0]->input.dtype() != rt_;
     if (packed_ && OutputsAdjacent()) {
       // The outputs tile one region in the fused layout (a grouped
@@ -818,6 +819,42 @@ class AllreduceExecution : public Execution {
   }
 
  private:
+  // The outputs the kernels left to the runtime. When every request of a
+  // fused operation left its output, is of the reduction type and (but the
+  // last) a multiple of 64 bytes long, the outputs are consecutive pieces of
+  // one buffer in the fused layout, so that the operation runs in place
+  // there (see OutputsAdjacent); otherwise each is allocated on its own.
+  absl::Status AllocateOutputs() {
+    bool tile = requests_.size() > 1 && n_ > 0;
+    for (size_t i = 0; i < requests_.size() && tile; ++i) {
+      const Request& r = *requests_[i];
+      tile = r.output_pending && r.input.dtype() == rt_ &&
+             (i + 1 == requests_.size() || r.input.TotalBytes() % 64 == 0);
+    }
+    Tensor flat;
+    if (tile) {
+      TF_RETURN_IF_ERROR(ctx_->allocate_temp(rt_, TensorShape({n_}), &flat));
+    }
+    int64_t off = 0;
+    for (auto& r : requests_) {
+      const int64_t elems = r->input.NumElements();
+      if (tile) {
+        if (!r->output.CopyFrom(flat.Slice(off, off + elems),
+                                r->input.shape())) {
+          return absl::InternalError("hpc_ops: allreduce output reshape");
+        }
+        r->ctx->set_output(0, r->output);
+      } else if (r->output_pending) {
+        Tensor* out = nullptr;
+        TF_RETURN_IF_ERROR(r->ctx->allocate_output(0, r->input.shape(), &out));
+        r->output = *out;
+      }
+      r->output_pending = false;
+      off += elems;
+    }
+    return absl::OkStatus();
+  }
+
   // True when every request's input is of the reduction type and the
   // outputs lie back to back in request order (the fused layout), so that
   // the region they tile can serve as the fusion buffer.

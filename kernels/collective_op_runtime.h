@@ -54,9 +54,12 @@ struct Request {
   std::string key;
   tensorflow::OpKernelContext* ctx = nullptr;
   tensorflow::Tensor input;
-  // Allreduce and broadcast: allocated by the kernel (shares its buffer with
-  // the op's output 0). Allgather: allocated by the runtime.
+  // Broadcast: allocated by the kernel (shares its buffer with the op's
+  // output 0). Allreduce: likewise, unless output_pending. Allgather:
+  // allocated by the runtime.
   tensorflow::Tensor output;
+  // Allreduce: the runtime allocates output 0 when the operation starts.
+  bool output_pending = false;
   ReduceOp reduce_op = ReduceOp::kSum;
   int root_rank = 0;
   std::chrono::steady_clock::time_point enqueued;

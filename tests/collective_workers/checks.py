@@ -260,6 +260,32 @@ def check_fusion():
     np.testing.assert_array_equal(
         as_f64(y), reference(dtypes[i % 4], (4096,), "sum", 100 + i))
 
+  # Separate allreduces whose outputs the runtime allocates when their fused
+  # operation starts: one buffer for all when every byte size but the last
+  # is a multiple of 64 (reduced in place there), one allocation each
+  # otherwise; inputs forwarded in place beside them; the inputs intact.
+  for d in (tf.int32, tf.float32, tf.float64):
+    per = 64 // d.size
+    for k, shapes in enumerate([[(per * 5,), (0,), (per * 300, 3), (7,)],
+                                [(per,), (9,), (per * 40,)]]):
+      for op in ("sum", "average"):
+        xs = [rank_tensor(R, d, s, op, salt=500 + i)
+              for i, s in enumerate(shapes)]
+        before = [as_f64(x) for x in xs]
+        held = tf.function(lambda v, op=op: [
+            coll.allreduce(x, op) for x in v])(xs)
+        some_forwarded = tf.function(lambda v, op=op: [
+            coll.allreduce(x * 1 if i == 1 else x, op)
+            for i, x in enumerate(v)])(xs)
+        for ys in (held, some_forwarded):
+          for i, (y, s) in enumerate(zip(ys, shapes, strict=True)):
+            assert y.dtype == d and y.shape == s, (y.dtype, y.shape, d, s)
+            np.testing.assert_array_equal(
+                as_f64(y), reference(d, s, op, 500 + i),
+                err_msg="separate %s %s %s %d" % (op, d.name, s, k))
+        for x, b in zip(xs, before):
+          np.testing.assert_array_equal(as_f64(x), b)
+
 
 def check_grouped_allreduce():
   # Every dtype, mixed shapes (empty and scalar included), sum and average,
