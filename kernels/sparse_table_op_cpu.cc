@@ -487,13 +487,16 @@ inline void PrefetchBytes(const void* p, int64_t bytes) {
   }
 }
 
-// Calls fn(i, KeyHash(e[i].key)) for i in [0, k), in order, prefetching the
-// bucket and then the first `row_bytes` of the row of keys further ahead.
+// Calls fn(i, KeyHash(e[i].key), candidate) for i in [0, k), in order,
+// prefetching the bucket and then the first `row_bytes` of the row of keys
+// further ahead; `candidate` is the row prefetched for e[i].key (almost
+// always its row: check its key) or -1.
 template <typename Fn>
 void ForEachKeyPrefetched(const Shard& sh, const GroupedKey* e, int64_t k,
                           int64_t row_bytes, Fn fn)
     ABSL_NO_THREAD_SAFETY_ANALYSIS {
   uint64_t hashes[kRing];
+  int64_t candidates[kRing];
   auto bucket_stage = [&](int64_t j) {
     const uint64_t h = KeyHash(e[j].key);
     hashes[j & (kRing - 1)] = h;
@@ -501,6 +504,7 @@ void ForEachKeyPrefetched(const Shard& sh, const GroupedKey* e, int64_t k,
   };
   auto row_stage = [&](int64_t j) {
     const int64_t r = sh.index.FirstCandidate(hashes[j & (kRing - 1)]);
+    candidates[j & (kRing - 1)] = r;
     if (r >= 0) PrefetchBytes<false>(sh.arena.Row(r), row_bytes);
   };
   const int64_t a = std::min(k, kBucketAhead);
@@ -510,7 +514,7 @@ void ForEachKeyPrefetched(const Shard& sh, const GroupedKey* e, int64_t k,
   for (int64_t i = 0; i < k; ++i) {
     if (i + kBucketAhead < k) bucket_stage(i + kBucketAhead);
     if (i + kRowAhead < k) row_stage(i + kRowAhead);
-    fn(i, hashes[i & (kRing - 1)]);
+    fn(i, hashes[i & (kRing - 1)], candidates[i & (kRing - 1)]);
   }
 }
 
@@ -539,6 +543,7 @@ int64_t PullPresent(SparseTable& t, const int64_t* keys, int64_t begin, int64_t 
   const int64_t row_bytes = value_offset + dim * static_cast<int64_t>(sizeof(float));
   uint64_t hashes[kRing];
   const Shard* shards[kRing];
+  int64_t candidates[kRing];
   auto bucket_stage = [&](int64_t j) {
     const uint64_t h = KeyHash(keys[j]);
     const Shard* sh = &t.shard(t.ShardOf(h));
@@ -549,6 +554,7 @@ int64_t PullPresent(SparseTable& t, const int64_t* keys, int64_t begin, int64_t 
   auto row_stage = [&](int64_t j) {
     const Shard& sh = *shards[j & (kRing - 1)];
     const int64_t r = sh.index.FirstCandidate(hashes[j & (kRing - 1)]);
+    candidates[j & (kRing - 1)] = r;
     if (r >= 0) PrefetchBytes<false>(sh.arena.Row(r), row_bytes);
   };
   const int64_t a = std::min(end, begin + kPullBucketAhead);
@@ -560,7 +566,12 @@ int64_t PullPresent(SparseTable& t, const int64_t* keys, int64_t begin, int64_t 
     if (i + kPullBucketAhead < end) bucket_stage(i + kPullBucketAhead);
     if (i + kPullRowAhead < end) row_stage(i + kPullRowAhead);
     const Shard& sh = *shards[i & (kRing - 1)];
-    const int64_t r = sh.index.Find(hashes[i & (kRing - 1)], keys[i], sh.arena);
+    // The row prefetched for this key is almost always its own: then the
+    // index need not be searched again.
+    int64_t r = candidates[i & (kRing - 1)];
+    if (r < 0 || sh.arena.Key(r) != keys[i]) {
+      r = sh.index.Find(hashes[i & (kRing - 1)], keys[i], sh.arena);
+    }
     if (r >= 0) {
       CopyFloats(out + i * dim,
                  reinterpret_cast<const float*>(sh.arena.Row(r) + value_offset), dim);
@@ -831,14 +842,17 @@ Status PushPart(SparseTable& t, const GroupedKey* e, int64_t k, int part, int pa
     absl::MutexLock l(&sh.mu);
     ForEachKeyPrefetched(
         sh, d, n, c.row_bytes(),
-        [&](int64_t i, uint64_t h) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        [&](int64_t i, uint64_t h, int64_t candidate) ABSL_NO_THREAD_SAFETY_ANALYSIS {
           if (!status.ok()) return;
           // The sums are in order of first occurrence, read here in shard
           // order: fetch them as far ahead as the rows.
           if (i + kRowAhead < n) {
             PrefetchBytes<false>(sums + d[i + kRowAhead].pos * dim, grad_bytes);
           }
-          const int64_t r = sh.index.Find(h, d[i].key, sh.arena);
+          int64_t r = candidate;
+          if (r < 0 || sh.arena.Key(r) != d[i].key) {
+            r = sh.index.Find(h, d[i].key, sh.arena);
+          }
           char* row;
           if (r >= 0) {
             row = sh.arena.Row(r);
