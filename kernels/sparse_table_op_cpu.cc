@@ -568,10 +568,8 @@ int64_t PullPresent(SparseTable& t, const int64_t* keys, int64_t begin, int64_t 
     const Shard& sh = *shards[i & (kRing - 1)];
     // The row prefetched for this key is almost always its own: then the
     // index need not be searched again.
-    int64_t r = candidates[i & (kRing - 1)];
-    if (r < 0 || sh.arena.Key(r) != keys[i]) {
-      r = sh.index.Find(hashes[i & (kRing - 1)], keys[i], sh.arena);
-    }
+    const int64_t r = sh.index.Find(hashes[i & (kRing - 1)], keys[i], sh.arena,
+                                    candidates[i & (kRing - 1)]);
     if (r >= 0) {
       CopyFloats(out + i * dim,
                  reinterpret_cast<const float*>(sh.arena.Row(r) + value_offset), dim);
@@ -849,10 +847,7 @@ Status PushPart(SparseTable& t, const GroupedKey* e, int64_t k, int part, int pa
           if (i + kRowAhead < n) {
             PrefetchBytes<false>(sums + d[i + kRowAhead].pos * dim, grad_bytes);
           }
-          int64_t r = candidate;
-          if (r < 0 || sh.arena.Key(r) != d[i].key) {
-            r = sh.index.Find(h, d[i].key, sh.arena);
-          }
+          const int64_t r = sh.index.Find(h, d[i].key, sh.arena, candidate);
           char* row;
           if (r >= 0) {
             row = sh.arena.Row(r);
