@@ -313,18 +313,17 @@ class HpcGroupedAllreduceOp : public CollectiveOpKernel {
       OP_REQUIRES_OK_ASYNC(
           ctx, CheckSize("HpcGroupedAllreduce", ctx->input(i), i), done);
     }
+    // As in HpcAllreduce: an input that nothing else holds is reduced in
+    // place; the runtime allocates the other outputs when their operation
+    // starts.
     std::vector<Tensor> outputs(n);
-    const tensorflow::DataType dt = ctx->input(0).dtype();
-    if (n > 1 && dt != tensorflow::DT_HALF && dt != tensorflow::DT_BFLOAT16) {
-      OP_REQUIRES_OK_ASYNC(ctx, AllocateAdjacentOutputs(ctx, &outputs), done);
-    } else {
-      for (int i = 0; i < n; ++i) {
-        Tensor* output = nullptr;
-        OP_REQUIRES_OK_ASYNC(ctx,
-                             ctx->forward_input_or_allocate_output(
-                                 {i}, i, ctx->input(i).shape(), &output),
-                             done);
+    std::vector<bool> forwarded(n, false);
+    for (int i = 0; i < n; ++i) {
+      Tensor* output = nullptr;
+      if (ctx->forward_input_to_output_with_shape(i, i, ctx->input(i).shape(),
+                                                  &output)) {
         outputs[i] = *output;
+        forwarded[i] = true;
       }
     }
     struct Group {
@@ -334,6 +333,10 @@ class HpcGroupedAllreduceOp : public CollectiveOpKernel {
     auto group = std::make_shared<Group>();
     group->pending.store(n);
     group->done = std::move(done);
+    // Every request is built before the first is handed over: the runtime
+    // thread may allocate outputs on `ctx` as soon as it has one.
+    std::vector<std::unique_ptr<Request>> requests;
+    requests.reserve(n);
     for (int i = 0; i < n; ++i) {
       auto r = NewRequest(
           ctx, OpType::kAllreduce,
@@ -343,67 +346,15 @@ class HpcGroupedAllreduceOp : public CollectiveOpKernel {
           i);
       r->name = absl::StrCat(r->name, "/", i);
       r->output = outputs[i];
+      r->output_index = i;
+      r->output_pending = !forwarded[i];
       r->reduce_op = op_;
-      collective::Enqueue(std::move(r));
+      requests.push_back(std::move(r));
     }
+    for (auto& r : requests) collective::Enqueue(std::move(r));
   }
 
  private:
-  // Each input that nothing else holds becomes its output (reduced in place,
-  // no extra memory); the other outputs are consecutive pieces of one
-  // buffer, each starting on a 64-byte boundary. Where no padding falls
-  // between them (byte sizes that are multiples of 64), the runtime packs
-  // the inputs straight into their outputs and reduces there, instead of
-  // packing into its fusion buffer and unpacking from it afterwards.
-  static absl::Status AllocateAdjacentOutputs(OpKernelContext* ctx,
-                                              std::vector<Tensor>* outputs) {
-    const int n = ctx->num_inputs();
-    const tensorflow::DataType dt = ctx->input(0).dtype();
-    const int64_t align = 64 / tensorflow::DataTypeSize(dt);
-    std::vector<int64_t> offsets(n + 1, 0);
-    std::vector<bool> forwarded(n, false);
-    for (int i = 0; i < n; ++i) {
-      Tensor* out = nullptr;
-      int64_t padded = 0;
-      if (ctx->forward_input_to_output_with_shape(i, i, ctx->input(i).shape(),
-                                                  &out)) {
-        (*outputs)[i] = *out;
-        forwarded[i] = true;
-      } else {
-        const int64_t elems = ctx->input(i).NumElements();
-        padded = (elems + align - 1) / align * align;
-        if (offsets[i] > std::numeric_limits<int64_t>::max() / 8 - padded) {
-          return InvalidArgument("HpcGroupedAllreduce: the tensors' total "
-                                 "size must fit in int64 as 8-byte elements");
-        }
-      }
-      offsets[i + 1] = offsets[i] + padded;
-    }
-    if (offsets[n] == 0) {  // all forwarded (or empty)
-      for (int i = 0; i < n; ++i) {
-        if (forwarded[i]) continue;
-        Tensor* out = nullptr;
-        TF_RETURN_IF_ERROR(
-            ctx->allocate_output(i, ctx->input(i).shape(), &out));
-        (*outputs)[i] = *out;
-      }
-      return absl::OkStatus();
-    }
-    Tensor flat;
-    TF_RETURN_IF_ERROR(
-        ctx->allocate_temp(dt, TensorShape({offsets[n]}), &flat));
-    for (int i = 0; i < n; ++i) {
-      if (forwarded[i]) continue;
-      Tensor piece = flat.Slice(offsets[i],
-                                offsets[i] + ctx->input(i).NumElements());
-      if (!(*outputs)[i].CopyFrom(piece, ctx->input(i).shape())) {
-        return absl::InternalError("HpcGroupedAllreduce: output reshape");
-      }
-      ctx->set_output(i, (*outputs)[i]);
-    }
-    return absl::OkStatus();
-  }
-
   ReduceOp op_ = ReduceOp::kSum;
 };
 

@@ -843,10 +843,11 @@ class AllreduceExecution : public Execution {
                                 r->input.shape())) {
           return absl::InternalError("hpc_ops: allreduce output reshape");
         }
-        r->ctx->set_output(0, r->output);
+        r->ctx->set_output(r->output_index, r->output);
       } else if (r->output_pending) {
         Tensor* out = nullptr;
-        TF_RETURN_IF_ERROR(r->ctx->allocate_output(0, r->input.shape(), &out));
+        TF_RETURN_IF_ERROR(
+            r->ctx->allocate_output(r->output_index, r->input.shape(), &out));
         r->output = *out;
       }
       r->output_pending = false;

@@ -58,8 +58,10 @@ struct Request {
   // output 0). Allreduce: likewise, unless output_pending. Allgather:
   // allocated by the runtime.
   tensorflow::Tensor output;
-  // Allreduce: the runtime allocates output 0 when the operation starts.
+  // Allreduce: the runtime allocates the op's output `output_index` when the
+  // operation starts.
   bool output_pending = false;
+  int output_index = 0;
   ReduceOp reduce_op = ReduceOp::kSum;
   int root_rank = 0;
   std::chrono::steady_clock::time_point enqueued;

@@ -162,9 +162,9 @@ def grouped_allreduce(tensors, op="average", name=None):
   handed to MPI together (fused when they fit the fusion buffer) and
   TensorFlow schedules and completes one kernel instead of one per tensor,
   which matters for many small tensors (a model's gradients). An input that
-  nothing else holds is reduced in place; the results of the others share
-  one buffer (so that the reduction can work in it directly), which is
-  freed when the last of them is.
+  nothing else holds is reduced in place; the results of the others that
+  are fused into one operation share one buffer (so that the reduction can
+  work in it directly), which is freed when the last of them is.
 
   Args:
     tensors: a list of tensors of the allreduce types (shapes and dtypes may
