@@ -278,13 +278,16 @@ class HpcAllreduceOp : public CollectiveOpKernel {
     OP_REQUIRES_OK_ASYNC(ctx, collective::EnsureInitialized(), done);
     const Tensor& input = ctx->input(0);
     OP_REQUIRES_OK_ASYNC(ctx, CheckSize("HpcAllreduce", input), done);
+    // Reduce in place when nothing else holds the input (asked before the
+    // request takes its own reference to the input); otherwise the runtime
+    // allocates the output when the operation starts (the outputs of a fused
+    // operation then share one buffer, reduced in place).
+    Tensor* output = nullptr;
+    const bool forwarded =
+        ctx->forward_input_to_output_with_shape(0, 0, input.shape(), &output);
     auto r = NewRequest(ctx, OpType::kAllreduce, std::move(done));
     r->reduce_op = op_;
-    // Reduce in place when nothing else holds the input; otherwise the
-    // runtime allocates the output when the operation starts (the outputs of
-    // a fused operation then share one buffer, reduced in place).
-    Tensor* output = nullptr;
-    if (ctx->forward_input_to_output_with_shape(0, 0, input.shape(), &output)) {
+    if (forwarded) {
       r->output = *output;
     } else {
       r->output_pending = true;
@@ -313,19 +316,6 @@ class HpcGroupedAllreduceOp : public CollectiveOpKernel {
       OP_REQUIRES_OK_ASYNC(
           ctx, CheckSize("HpcGroupedAllreduce", ctx->input(i), i), done);
     }
-    // As in HpcAllreduce: an input that nothing else holds is reduced in
-    // place; the runtime allocates the other outputs when their operation
-    // starts.
-    std::vector<Tensor> outputs(n);
-    std::vector<bool> forwarded(n, false);
-    for (int i = 0; i < n; ++i) {
-      Tensor* output = nullptr;
-      if (ctx->forward_input_to_output_with_shape(i, i, ctx->input(i).shape(),
-                                                  &output)) {
-        outputs[i] = *output;
-        forwarded[i] = true;
-      }
-    }
     struct Group {
       std::atomic<int> pending;
       DoneCallback done;
@@ -338,6 +328,12 @@ class HpcGroupedAllreduceOp : public CollectiveOpKernel {
     std::vector<std::unique_ptr<Request>> requests;
     requests.reserve(n);
     for (int i = 0; i < n; ++i) {
+      // As in HpcAllreduce: an input that nothing else holds is reduced in
+      // place; the runtime allocates the other outputs when their operation
+      // starts.
+      Tensor* output = nullptr;
+      const bool forwarded = ctx->forward_input_to_output_with_shape(
+          i, i, ctx->input(i).shape(), &output);
       auto r = NewRequest(
           ctx, OpType::kAllreduce,
           [group] {
@@ -345,10 +341,13 @@ class HpcGroupedAllreduceOp : public CollectiveOpKernel {
           },
           i);
       r->name = absl::StrCat(r->name, "/", i);
-      r->output = outputs[i];
-      r->output_index = i;
-      r->output_pending = !forwarded[i];
       r->reduce_op = op_;
+      if (forwarded) {
+        r->output = *output;
+      } else {
+        r->output_pending = true;
+        r->output_index = i;
+      }
       requests.push_back(std::move(r));
     }
     for (auto& r : requests) collective::Enqueue(std::move(r));
