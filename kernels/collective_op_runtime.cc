@@ -667,18 +667,21 @@ class AllreduceExecution : public Execution {
     for (const auto& r : requests_) n_ += r->input.NumElements();
     ctx_ = requests_[0]->ctx;
     TF_RETURN_IF_ERROR(AllocateOutputs());
-    packed_ = requests_.size() > 1 || requests_[0]->input.dtype() != rt_;
-    if (packed_ && OutputsAdjacent()) {
-      // The outputs tile one region in the fused layout (a grouped
-      // allreduce's, see HpcGroupedAllreduceOp): pack the inputs there and
-      // reduce in place, with nothing to unpack afterwards.
+    // Several requests, or a conversion: the fused layout.
+    const bool packed =
+        requests_.size() > 1 || requests_[0]->input.dtype() != rt_;
+    if (packed && OutputsAdjacent()) {
+      // The outputs tile one region in the fused layout (see
+      // AllocateOutputs): pack the inputs there and reduce in place, with
+      // nothing to unpack afterwards.
       for (const auto& r : requests_) {
-        const char* in = r->input.tensor_data().data();
         char* out = MutableData(&r->output);
-        if (in != out) std::memcpy(out, in, r->input.TotalBytes());
+        if (r->input.tensor_data().data() != out) {
+          PackInput(ctx_, r->input, out);
+        }
       }
       src_ = dst_ = MutableData(&requests_[0]->output);
-    } else if (packed_) {
+    } else if (packed) {
       char* buf = fusion_->Reserve(n_ * esize_);
       if (buf == nullptr && n_ > 0) {
         return absl::ResourceExhaustedError(
@@ -923,7 +926,6 @@ class AllreduceExecution : public Execution {
   tensorflow::OpKernelContext* ctx_ = nullptr;
   int64_t esize_ = 0;
   int64_t n_ = 0;
-  bool packed_ = false;  // several requests, or a conversion
   bool unpack_ = false;  // packed into the fusion buffer
   char* src_ = nullptr;
   char* dst_ = nullptr;
