@@ -1060,6 +1060,7 @@ class Engine {
   // operation carries several).
   std::atomic<int64_t> stat_operations_{0};
   std::atomic<int64_t> stat_tensors_{0};
+  std::atomic<int64_t> stat_in_place_{0};
 
   int rank() const { return rank_; }
   int size() const { return size_; }
@@ -1802,6 +1803,13 @@ absl::Status Engine::ProgressExecution(bool* progressed) {
     stat_operations_.fetch_add(1, std::memory_order_relaxed);
     stat_tensors_.fetch_add(static_cast<int64_t>(reqs.size()),
                             std::memory_order_relaxed);
+    int64_t in_place = 0;
+    for (const auto& r : reqs) {
+      in_place += r->op == OpType::kAllreduce && r->input.NumElements() > 0 &&
+                  r->output.tensor_data().data() ==
+                      r->input.tensor_data().data();
+    }
+    stat_in_place_.fetch_add(in_place, std::memory_order_relaxed);
     for (auto& r : reqs) Finish(std::move(r), absl::OkStatus());
   }
 }
@@ -1979,9 +1987,10 @@ void Enqueue(std::unique_ptr<Request> request) {
   GetEngine()->Enqueue(std::move(request));
 }
 void Shutdown() { GetEngine()->Shutdown(); }
-void Stats(int64_t* operations, int64_t* tensors) {
+void Stats(int64_t* operations, int64_t* tensors, int64_t* in_place) {
   *operations = GetEngine()->stat_operations_.load();
   *tensors = GetEngine()->stat_tensors_.load();
+  *in_place = GetEngine()->stat_in_place_.load();
 }
 
 }  // namespace collective
@@ -1992,7 +2001,9 @@ void Stats(int64_t* operations, int64_t* tensors) {
 extern "C" void HpcCollectiveShutdown() { hpc_ops::collective::Shutdown(); }
 
 // For tests and tuning (through ctypes): out[0] = data operations completed,
-// out[1] = tensors they carried (more tensors than operations: fusion).
+// out[1] = tensors they carried (more tensors than operations: fusion),
+// out[2] = allreduced tensors whose result was written over their own input
+// (the kernel forwarded the input buffer).
 extern "C" void HpcCollectiveStats(int64_t* out) {
-  hpc_ops::collective::Stats(&out[0], &out[1]);
+  hpc_ops::collective::Stats(&out[0], &out[1], &out[2]);
 }

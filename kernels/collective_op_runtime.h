@@ -86,8 +86,9 @@ void Enqueue(std::unique_ptr<Request> request);
 // stops the background thread. Later collectives fail with Aborted.
 void Shutdown();
 
-// Data operations completed so far, and the tensors they carried.
-void Stats(int64_t* operations, int64_t* tensors);
+// Data operations completed so far, the tensors they carried, and the
+// allreduced tensors whose result overwrote their own input.
+void Stats(int64_t* operations, int64_t* tensors, int64_t* in_place);
 
 }  // namespace collective
 }  // namespace hpc_ops

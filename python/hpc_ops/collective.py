@@ -58,13 +58,17 @@ def shutdown():
 
 
 def stats():
-  """{"operations": data operations completed by this process, "tensors":
-  the collectives they carried}; more tensors than operations means that
-  fusion packed several tensors into one operation."""
+  """Counters of this process's runtime since it started:
+    operations: data operations completed;
+    tensors: the collectives they carried (more tensors than operations
+      means that fusion packed several tensors into one operation);
+    in_place: non-empty allreduces whose result was written over their own
+      input buffer (TensorFlow let the kernel forward the input, because
+      nothing else held it)."""
   path = _loader.LOADED[gen_collective_ops.__name__][0]
-  out = (ctypes.c_int64 * 2)()
+  out = (ctypes.c_int64 * 3)()
   ctypes.CDLL(path).HpcCollectiveStats(out)
-  return {"operations": out[0], "tensors": out[1]}
+  return {"operations": out[0], "tensors": out[1], "in_place": out[2]}
 
 
 _info = {}

@@ -353,6 +353,43 @@ def check_grouped_allreduce():
         np.testing.assert_array_equal(as_f64(x), b)
 
 
+def check_in_place():
+  # An allreduce whose input nothing else holds writes its result over that
+  # input (the kernel forwards the buffer); one whose input the caller holds
+  # does not, and leaves the input intact. Counted by the runtime.
+  x = rank_tensor(R, tf.float32, (4096,), "sum", salt=600)
+  kept = as_f64(x)
+  want = reference(tf.float32, (4096,), "sum", 600)
+
+  @tf.function
+  def chain(v):
+    v = coll.allreduce(v, "sum")
+    for _ in range(2):  # inputs that are intermediates
+      v = coll.allreduce(v, "max")
+    return [v]
+
+  @tf.function
+  def grouped(v):  # v * 2 and v * 4 are intermediates, v is the caller's
+    return hd.grouped_allreduce([v * 2, v, v * 4, v], op="sum")
+
+  for fn, expect_in_place, scales in ((chain, 2, [1]),
+                                      (grouped, 2, [2, 1, 4, 1])):
+    fn(x)  # trace
+    before = coll.stats()
+    ys = fn(x)
+    after = coll.stats()
+    assert after["tensors"] - before["tensors"] == (3 if fn is chain else 4)
+    got = after["in_place"] - before["in_place"]
+    assert got == expect_in_place, (fn.__name__, before, after)
+    assert len(ys) == len(scales)
+    for y, c in zip(ys, scales):  # scaling by 2^k is exact
+      np.testing.assert_array_equal(as_f64(y), want * c, err_msg=fn.__name__)
+  np.testing.assert_array_equal(as_f64(x), kept)
+  before = coll.stats()
+  np.testing.assert_array_equal(as_f64(coll.allreduce(x, "sum")), want)
+  assert coll.stats()["in_place"] == before["in_place"]  # x is held
+
+
 def check_mismatch_errors():
   F = tf.errors.FailedPreconditionError
   other = "on rank 1"  # the first rank that disagrees with rank 0
@@ -585,6 +622,7 @@ def main():
   checks.run("concurrent_functions", check_concurrent_functions)
   checks.run("fusion", check_fusion)
   checks.run("grouped_allreduce", check_grouped_allreduce)
+  checks.run("in_place", check_in_place)
   checks.run("mismatch_errors", check_mismatch_errors)
   checks.run("bad_inputs", check_bad_inputs)
   checks.run("gradients", check_gradients)
