@@ -20,6 +20,12 @@ them alike):
                         path: dispatch included)
   hpc_ops chained       K dependent allreduces inside one tf.function, per
                         allreduce (dispatch amortised)
+  paired                mpi4py Allreduce, hpc_ops tf.function and hpc_ops
+                        chained in the same pair of processes, taking turns
+                        block by block; ratios per block (this VM has periods
+                        of tens of seconds in which memory-bound steps, MPI's
+                        too, run several times slower, so peers measured in
+                        separate processes can land in different periods)
   mpi4py                comm.Allreduce(x, y) on preallocated numpy buffers
   Horovod               hvd.allreduce in a tf.function, one per call
   TF collective         replica_ctx.all_reduce under MultiWorkerMirrored-
@@ -185,7 +191,64 @@ def worker_tf_collective(sizes, quick):
     emit(r, peer="tf_collective", bytes=nbytes, seconds=t)
 
 
+def worker_paired(sizes, quick):
+  """mpi4py and hpc_ops in the same pair of processes, block after block:
+  this VM has periods (tens of seconds) in which every memory-bound step of
+  an exchange runs several times slower, for MPI as for us, so separate
+  processes can land in different periods. mpi4py initialises MPI
+  (MPI_THREAD_MULTIPLE, its default); hpc_ops' runtime then uses it."""
+  import numpy as np
+  from mpi4py import MPI
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import tensorflow as tf
+  import hpc_ops.collective as coll
+  import hpc_ops.distributed as hd
+  hd.init()
+  comm = MPI.COMM_WORLD
+  r = comm.Get_rank()
+  for nbytes in sizes:
+    blocks, calls = reps_for(nbytes, quick)
+    blocks *= 2
+    xn = np.full(nbytes // 4, r + 1, np.float32)
+    yn = np.empty_like(xn)
+    x = tf.fill([nbytes // 4], float(r + 1))
+    k = 10 if nbytes <= 1 << 20 else 3
+    one = tf.function(lambda v: coll.allreduce(v, "sum"))
+
+    @tf.function
+    def chained(v):
+      for _ in range(k):
+        v = coll.allreduce(v, "average")
+      return v
+
+    fns = {"mpi4py": (lambda: comm.Allreduce(xn, yn, op=MPI.SUM), calls * 3, 1),
+           "one": (lambda: one(x), calls, 1),
+           "chained": (lambda: chained(x), max(1, calls // k), k)}
+    for fn, _, _ in fns.values():
+      fn()
+      fn()
+    times = {name: [] for name in fns}
+    for b in range(blocks):
+      names = list(fns)[b % 3:] + list(fns)[:b % 3]
+      for name in names:
+        fn, n, per = fns[name]
+        comm.Barrier()
+        t0 = time.perf_counter()
+        for _ in range(n):
+          fn()
+        times[name].append((time.perf_counter() - t0) / n / per)
+    assert yn[0] == comm.Get_size() * (comm.Get_size() + 1) / 2
+    med = {name: statistics.median(t) for name, t in times.items()}
+    ratio = {name: statistics.median(
+        m / t for m, t in zip(times["mpi4py"], times[name], strict=True))
+             for name in ("one", "chained")}
+    emit(r, peer="paired", bytes=nbytes, mpi4py=med["mpi4py"],
+         one=med["one"], chained=med["chained"], ratio_one=ratio["one"],
+         ratio_chained=ratio["chained"], seconds=med["chained"])
+
+
 WORKERS = {"hpc_ops": worker_hpc_ops, "mpi4py": worker_mpi4py,
+           "paired": worker_paired,
            "horovod": worker_horovod, "tf_collective": worker_tf_collective}
 
 
@@ -303,6 +366,10 @@ def main():
     if have_mpi4py:
       print("  round %d/%d: mpi4py" % (i + 1, rounds), flush=True)
       results += launch_mpi("mpi4py", args, env)
+    if have_mpi4py:
+      print("  round %d/%d: mpi4py and hpc_ops in the same processes" %
+            (i + 1, rounds), flush=True)
+      results += launch_mpi("paired", args, env)
     if have_horovod:
       print("  round %d/%d: Horovod" % (i + 1, rounds), flush=True)
       results += launch_mpi("horovod", args, env)
@@ -343,6 +410,22 @@ def main():
       ["size", "hpc_ops tf.function", "hpc_ops chained", "hpc_ops algbw",
        "mpi4py", "bw vs mpi4py", "chained bw vs mpi4py", "Horovod",
        "speedup vs Horovod", "TF collective", "speedup vs TF"], rows)
+  paired_rows = []
+  for nbytes in sizes:
+    rs = grouped.get(("paired", nbytes))
+    if not rs:
+      continue
+    med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
+    paired_rows.append([fmt_size(nbytes), cell(med("mpi4py")), cell(med("one")),
+                        cell(med("chained")), "%.2fx" % med("ratio_one"),
+                        "%.2fx" % med("ratio_chained")])
+  if paired_rows:
+    bench_util.print_table(
+        "The same pair of processes, mpi4py and hpc_ops taking turns block "
+        "by block (MPI initialised by mpi4py; ratios: median over blocks of "
+        "mpi4py time / hpc_ops time, median over rounds) (%s)" % label,
+        ["size", "mpi4py", "hpc_ops tf.function", "hpc_ops chained",
+         "bw vs mpi4py", "chained bw vs mpi4py"], paired_rows)
   many = by.get(("hpc_ops_64x16KB", 1 << 20))
   in_one = t("hpc_ops_64x16KB_grouped", 1 << 20)
   single = t("hpc_ops_1x1MB", 1 << 20)
