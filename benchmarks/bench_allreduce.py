@@ -83,6 +83,23 @@ def emit(rank, **kv):
 # Workers (one process per rank).
 
 
+def hpc_ops_functions(nbytes):
+  """(one, chained, k): one allreduce (sum) per tf.function call, and k
+  dependent allreduces (average) in one tf.function."""
+  import tensorflow as tf
+  import hpc_ops.collective as coll
+  k = 10 if nbytes <= 1 << 20 else 3
+  one = tf.function(lambda v: coll.allreduce(v, "sum"))
+
+  @tf.function
+  def chained(v):
+    for _ in range(k):
+      v = coll.allreduce(v, "average")
+    return v
+
+  return one, chained, k
+
+
 def worker_hpc_ops(sizes, quick):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tensorflow as tf
@@ -93,15 +110,7 @@ def worker_hpc_ops(sizes, quick):
   for nbytes in sizes:
     blocks, calls = reps_for(nbytes, quick)
     x = tf.fill([nbytes // 4], float(r + 1))
-    one = tf.function(lambda v: coll.allreduce(v, "sum"))
-    k = 10 if nbytes <= 1 << 20 else 3
-
-    @tf.function
-    def chained(v):
-      for _ in range(k):
-        v = coll.allreduce(v, "average")
-      return v
-
+    one, chained, k = hpc_ops_functions(nbytes)
     y = one(x)
     assert float(y[0]) == p * (p + 1) / 2 and float(y[-1]) == float(y[0])
     t_one = block_median(lambda: one(x), blocks, calls)
@@ -201,7 +210,6 @@ def worker_paired(sizes, quick):
   from mpi4py import MPI
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tensorflow as tf
-  import hpc_ops.collective as coll
   import hpc_ops.distributed as hd
   hd.init()
   comm = MPI.COMM_WORLD
@@ -212,15 +220,7 @@ def worker_paired(sizes, quick):
     xn = np.full(nbytes // 4, r + 1, np.float32)
     yn = np.empty_like(xn)
     x = tf.fill([nbytes // 4], float(r + 1))
-    k = 10 if nbytes <= 1 << 20 else 3
-    one = tf.function(lambda v: coll.allreduce(v, "sum"))
-
-    @tf.function
-    def chained(v):
-      for _ in range(k):
-        v = coll.allreduce(v, "average")
-      return v
-
+    one, chained, k = hpc_ops_functions(nbytes)
     fns = {"mpi4py": (lambda: comm.Allreduce(xn, yn, op=MPI.SUM), calls * 3, 1),
            "one": (lambda: one(x), calls, 1),
            "chained": (lambda: chained(x), max(1, calls // k), k)}
@@ -366,7 +366,6 @@ def main():
     if have_mpi4py:
       print("  round %d/%d: mpi4py" % (i + 1, rounds), flush=True)
       results += launch_mpi("mpi4py", args, env)
-    if have_mpi4py:
       print("  round %d/%d: mpi4py and hpc_ops in the same processes" %
             (i + 1, rounds), flush=True)
       results += launch_mpi("paired", args, env)
