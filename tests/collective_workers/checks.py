@@ -372,15 +372,16 @@ def check_in_place():
   def grouped(v):  # v * 2 and v * 4 are intermediates, v is the caller's
     return hd.grouped_allreduce([v * 2, v, v * 4, v], op="sum")
 
-  for fn, expect_in_place, scales in ((chain, 2, [1]),
-                                      (grouped, 2, [2, 1, 4, 1])):
+  # (function, allreduced tensors, of them in place, result scales)
+  for fn, tensors, in_place, scales in ((chain, 3, 2, [1]),
+                                        (grouped, 4, 2, [2, 1, 4, 1])):
     fn(x)  # trace
     before = coll.stats()
     ys = fn(x)
     after = coll.stats()
-    assert after["tensors"] - before["tensors"] == (3 if fn is chain else 4)
+    assert after["tensors"] - before["tensors"] == tensors, (before, after)
     got = after["in_place"] - before["in_place"]
-    assert got == expect_in_place, (fn.__name__, before, after)
+    assert got == in_place, (fn.__name__, before, after)
     assert len(ys) == len(scales)
     for y, c in zip(ys, scales):  # scaling by 2^k is exact
       np.testing.assert_array_equal(as_f64(y), want * c, err_msg=fn.__name__)
