@@ -4,9 +4,13 @@ Workload (bench_util.zipf_batches, the same as the peer measurements in
 /work/shared/reference/peers): batches of 65,536 int64 keys, Zipf s=1.1 over
 N ids hashed over int64. Every table first sees every batch once (steady
 state: lookups hit), then the variants take turns (--rounds times each over
-all batches, Python's garbage collector paused; each call's result is read
-back with .numpy(), as in the peer measurements); median seconds per
-batch -> keys/s.
+all batches, Python's garbage collector paused); median seconds per
+batch -> keys/s. Each call's result is read back as a NumPy view
+(np.asarray, which TensorFlow documents as the copy-free read of a CPU
+tensor); --copy-readback reads with .numpy() instead, as the peer
+measurements did: that copies the [65536, D] result into a fresh array,
+whose first touches cost every variant the same fixed time per batch
+(about 1 ms at D 16 on a slow VM), not part of any lookup.
 
   hpc_ops pull          tf.function(table.pull(keys))
   hpc_ops pull+push     tf.function: v = pull(keys); push(keys, C, lr), table
@@ -76,9 +80,12 @@ def time_interleaved(fns, batches, rounds, warm=2):
   return {name: float(np.median(t)) for name, t in times.items()}
 
 
+COPY_READBACK = False  # --copy-readback
+
+
 def _block(r):
   if isinstance(r, (tf.Tensor, tf.Variable)):
-    r.numpy()
+    r.numpy() if COPY_READBACK else np.asarray(r)
   elif isinstance(r, (list, tuple)):
     for x in r:
       _block(x)
@@ -191,12 +198,17 @@ def main():
   ap.add_argument("--rounds", type=int, default=3,
                   help="turns each variant takes over the batches")
   ap.add_argument("--peers", nargs="*", default=["MHT", "DHT", "mod"])
+  ap.add_argument("--copy-readback", action="store_true",
+                  help="read results back with .numpy() (a copy), not as a view")
   args = ap.parse_args()
+  global COPY_READBACK
+  COPY_READBACK = args.copy_readback
   if args.quick:
     args.N, args.dims, args.nbatches, args.rounds = [1_000_000], [16], 8, 2
   alloc = bench_util.allocator_name()
-  print("tf %s, %d CPUs, allocator %s, %s, load average %.1f" % (
-      tf.__version__, os.cpu_count(), alloc, time.strftime("%Y-%m-%d %H:%M"),
+  print("tf %s, %d CPUs, allocator %s, read-back %s, %s, load average %.1f" % (
+      tf.__version__, os.cpu_count(), alloc,
+      "copy" if COPY_READBACK else "view", time.strftime("%Y-%m-%d %H:%M"),
       os.getloadavg()[0]))
   rows, mem_rows = [], []
   for N in args.N:
