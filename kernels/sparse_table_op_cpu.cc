@@ -530,12 +530,53 @@ inline void CopyFloats(float* dst, const float* src, int64_t n) {
   for (; j < n; ++j) dst[j] = src[j];
 }
 
+// A pull whose output is at least this large writes it with streaming
+// (non-temporal) stores: such an output does not stay in the caches for its
+// consumer anyway, and ordinary stores would first read every output line
+// and evict the table's rows for it. Measured in one process on a 2-vCPU
+// VM with 32 MiB of L3, 65,536 keys over 1e7 ids, pull alone / pull then
+// reduce_sum(v * C): D 64 (16 MiB) 1.23-1.25x / 1.17-1.18x faster,
+// D 32 (8 MiB) 1.13x / 1.09-1.11x, D 16 (4 MiB) 1.01-1.02x / 0.97-0.99x.
+constexpr int64_t kStreamOutputBytes = int64_t{8} << 20;
+
+// Whether a pull of n rows of `dim` floats into `out` streams its output
+// (StreamFloats): large enough, and every row a whole number of aligned
+// 32-byte lanes.
+inline bool StreamPullOutput(const float* out, int64_t n, int64_t dim) {
+#if defined(__AVX__)
+  return dim % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 32 == 0 &&
+         n * dim * static_cast<int64_t>(sizeof(float)) >= kStreamOutputBytes;
+#else
+  return false;
+#endif
+}
+
+// CopyFloats with streaming stores, for StreamPullOutput(); dst 32-byte
+// aligned and n a multiple of 8. The writing thread must StoreFence()
+// before another thread may read dst.
+inline void StreamFloats(float* dst, const float* src, int64_t n) {
+#if defined(__AVX__)
+  for (int64_t j = 0; j < n; j += 8) {
+    _mm256_stream_ps(dst + j, _mm256_loadu_ps(src + j));
+  }
+#else
+  CopyFloats(dst, src, n);
+#endif
+}
+
+inline void StoreFence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
 // Reads the rows of keys[begin, end) that exist into out (batch order) and
 // stores the batch positions of the others in misses[0, m), returning m. The
 // caller holds every shard's reader lock. Without `insert_missing` a missing
-// key reads its initial value at once and is not counted.
+// key reads its initial value at once and is not counted. `stream`: rows are
+// written with StreamFloats (see StreamPullOutput).
 int64_t PullPresent(SparseTable& t, const int64_t* keys, int64_t begin, int64_t end,
-                    bool insert_missing, float* out, int64_t* misses)
+                    bool insert_missing, bool stream, float* out, int64_t* misses)
     ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const sparse_table::TableConfig& c = t.config();
   const int64_t dim = c.dim;
@@ -571,14 +612,19 @@ int64_t PullPresent(SparseTable& t, const int64_t* keys, int64_t begin, int64_t 
     const int64_t r = sh.index.Find(hashes[i & (kRing - 1)], keys[i], sh.arena,
                                     candidates[i & (kRing - 1)]);
     if (r >= 0) {
-      CopyFloats(out + i * dim,
-                 reinterpret_cast<const float*>(sh.arena.Row(r) + value_offset), dim);
+      const float* src = reinterpret_cast<const float*>(sh.arena.Row(r) + value_offset);
+      if (stream) {
+        StreamFloats(out + i * dim, src, dim);
+      } else {
+        CopyFloats(out + i * dim, src, dim);
+      }
     } else if (insert_missing) {
       misses[m++] = i;
     } else {
       sparse_table::InitialValues(c, keys[i], out + i * dim);
     }
   }
+  if (stream) StoreFence();
   return m;
 }
 
@@ -687,6 +733,7 @@ Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
   const int workers = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>(CpuNumThreads(ctx), n / kKeysPerThread)));
   std::vector<int64_t> chunk_misses(chunks, 0);
+  const bool stream = StreamPullOutput(values, n, table->dim());
   std::atomic<int64_t> next{0};
   CpuForEachShard(ctx, workers, workers, [&](int, int64_t, int64_t) {
     int64_t c = next.fetch_add(1, std::memory_order_relaxed);
@@ -695,8 +742,8 @@ Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
     for (; c < chunks; c = next.fetch_add(1, std::memory_order_relaxed)) {
       const int64_t begin = c * kChunk;
       const int64_t end = std::min(n, begin + kChunk);
-      chunk_misses[c] =
-          PullPresent(*table, keys, begin, end, insert_missing, values, misses + begin);
+      chunk_misses[c] = PullPresent(*table, keys, begin, end, insert_missing, stream, values,
+                                    misses + begin);
     }
   });
   for (int64_t c = 0; c < chunks; ++c) {

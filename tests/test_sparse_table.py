@@ -88,6 +88,26 @@ def test_serving_pull_never_inserts():
   np.testing.assert_array_equal(v.numpy(), fresh.pull([1, 3, 4]).numpy())
 
 
+@pytest.mark.parametrize("dim", [32, 40, 33])
+def test_large_pull_matches_small_pulls(dim):
+  # 70,000 keys of dim 32 or 40 make an output above 8 MiB, which the pull
+  # writes with streaming stores (dim 33 is not a whole number of 32-byte
+  # lanes: ordinary stores); the rows must equal those of small pulls, for
+  # present, repeated and missing keys, inserting or not.
+  rng = np.random.default_rng(dim)
+  keys = rng.integers(0, 20_000, size=70_000).astype(np.int64)
+  keys[::7] = rng.integers(INT64_MIN, INT64_MAX, size=keys[::7].shape)
+  t = table(dim=dim, seed=3)
+  t.push(keys[:5000], np.full([5000, dim], 0.25, np.float32), 0.1)  # trained rows
+  for insert in (False, True):
+    small = np.concatenate([t.pull(c, insert_missing=False).numpy()
+                            for c in np.array_split(keys, 70)])
+    big = t.pull(keys, insert_missing=insert).numpy()
+    assert big.shape == (70_000, dim)
+    np.testing.assert_array_equal(big, small)
+  assert int(t.size()) == len(np.unique(keys))
+
+
 def test_empty_batches_are_legal():
   t = table(dim=4)
   assert t.pull(tf.zeros([0], tf.int64)).shape == (0, 4)
