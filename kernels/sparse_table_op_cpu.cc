@@ -584,7 +584,7 @@ int64_t PullPresent(SparseTable& t, const int64_t* keys, int64_t begin, int64_t 
   const int64_t row_bytes = value_offset + dim * static_cast<int64_t>(sizeof(float));
   uint64_t hashes[kRing];
   const Shard* shards[kRing];
-  int64_t candidates[kRing];
+  const char* rows[kRing];
   auto bucket_stage = [&](int64_t j) {
     const uint64_t h = KeyHash(keys[j]);
     const Shard* sh = &t.shard(t.ShardOf(h));
@@ -595,8 +595,9 @@ int64_t PullPresent(SparseTable& t, const int64_t* keys, int64_t begin, int64_t 
   auto row_stage = [&](int64_t j) {
     const Shard& sh = *shards[j & (kRing - 1)];
     const int64_t r = sh.index.FirstCandidate(hashes[j & (kRing - 1)]);
-    candidates[j & (kRing - 1)] = r;
-    if (r >= 0) PrefetchBytes<false>(sh.arena.Row(r), row_bytes);
+    const char* row = r >= 0 ? sh.arena.Row(r) : nullptr;
+    rows[j & (kRing - 1)] = row;
+    if (row != nullptr) PrefetchBytes<false>(row, row_bytes);
   };
   const int64_t a = std::min(end, begin + kPullBucketAhead);
   for (int64_t j = begin; j < a; ++j) bucket_stage(j);
@@ -608,11 +609,14 @@ int64_t PullPresent(SparseTable& t, const int64_t* keys, int64_t begin, int64_t 
     if (i + kPullRowAhead < end) row_stage(i + kPullRowAhead);
     const Shard& sh = *shards[i & (kRing - 1)];
     // The row prefetched for this key is almost always its own: then the
-    // index need not be searched again.
-    const int64_t r = sh.index.Find(hashes[i & (kRing - 1)], keys[i], sh.arena,
-                                    candidates[i & (kRing - 1)]);
-    if (r >= 0) {
-      const float* src = reinterpret_cast<const float*>(sh.arena.Row(r) + value_offset);
+    // index need not be searched again, nor the row's address recomputed.
+    const char* row = rows[i & (kRing - 1)];
+    if (row == nullptr || sparse_table::RowKey(row) != keys[i]) {
+      const int64_t r = sh.index.Find(hashes[i & (kRing - 1)], keys[i], sh.arena);
+      row = r >= 0 ? sh.arena.Row(r) : nullptr;
+    }
+    if (row != nullptr) {
+      const float* src = reinterpret_cast<const float*>(row + value_offset);
       if (stream) {
         StreamFloats(out + i * dim, src, dim);
       } else {

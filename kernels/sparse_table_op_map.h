@@ -177,6 +177,13 @@ class ChunkPool {
 // table's ChunkPool. A row index stays valid until the row is moved by
 // Compact(); growth never moves rows (no realloc), and the unused tail is
 // at most one chunk per shard.
+// The key stored at the start of a row.
+inline int64_t RowKey(const char* row) {
+  int64_t k;
+  std::memcpy(&k, row, sizeof(k));
+  return k;
+}
+
 class RowArena {
  public:
   explicit RowArena(ChunkPool* pool)
@@ -193,11 +200,7 @@ class RowArena {
   char* Row(uint64_t idx) const {
     return chunks_[idx >> chunk_shift_] + (idx & chunk_mask_) * stride_;
   }
-  int64_t Key(uint64_t idx) const {
-    int64_t k;
-    std::memcpy(&k, Row(idx), sizeof(k));
-    return k;
-  }
+  int64_t Key(uint64_t idx) const { return RowKey(Row(idx)); }
 
   // Appends one row (uninitialised) and returns its index, or -1 when memory
   // runs out.
