@@ -574,12 +574,14 @@ inline void StoreFence() {
 // stores the batch positions of the others in misses[0, m), returning m. The
 // caller holds every shard's reader lock. Without `insert_missing` a missing
 // key reads its initial value at once and is not counted. `stream`: rows are
-// written with StreamFloats (see StreamPullOutput).
+// written with StreamFloats (see StreamPullOutput). kDim: the table's dim,
+// or 0 for a dim known only at run time.
+template <int kDim>
 int64_t PullPresent(SparseTable& t, const int64_t* keys, int64_t begin, int64_t end,
                     bool insert_missing, bool stream, float* out, int64_t* misses)
     ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const sparse_table::TableConfig& c = t.config();
-  const int64_t dim = c.dim;
+  const int64_t dim = kDim > 0 ? kDim : c.dim;
   const int64_t value_offset = c.header_bytes();
   const int64_t row_bytes = value_offset + dim * static_cast<int64_t>(sizeof(float));
   uint64_t hashes[kRing];
@@ -630,6 +632,21 @@ int64_t PullPresent(SparseTable& t, const int64_t* keys, int64_t begin, int64_t 
   }
   if (stream) StoreFence();
   return m;
+}
+
+// PullPresent for a table's dim: compiled for the common widths (the row
+// copy and the output offsets then have a fixed size: 1.07-1.10x faster
+// kernels at dim 8 and 16 in an in-process A/B), else for any width.
+using PullPresentFn = int64_t (*)(SparseTable&, const int64_t*, int64_t, int64_t, bool, bool,
+                                  float*, int64_t*);
+PullPresentFn PullPresentFor(int64_t dim) {
+  switch (dim) {
+    case 8: return &PullPresent<8>;
+    case 16: return &PullPresent<16>;
+    case 32: return &PullPresent<32>;
+    case 64: return &PullPresent<64>;
+    default: return &PullPresent<0>;
+  }
 }
 
 // Creates the rows of one shard's missing keys (subject to admission) and
@@ -738,6 +755,7 @@ Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
       std::max<int64_t>(1, std::min<int64_t>(CpuNumThreads(ctx), n / kKeysPerThread)));
   std::vector<int64_t> chunk_misses(chunks, 0);
   const bool stream = StreamPullOutput(values, n, table->dim());
+  const auto pull = PullPresentFor(table->dim());
   std::atomic<int64_t> next{0};
   CpuForEachShard(ctx, workers, workers, [&](int, int64_t, int64_t) {
     int64_t c = next.fetch_add(1, std::memory_order_relaxed);
@@ -746,7 +764,7 @@ Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
     for (; c < chunks; c = next.fetch_add(1, std::memory_order_relaxed)) {
       const int64_t begin = c * kChunk;
       const int64_t end = std::min(n, begin + kChunk);
-      chunk_misses[c] = PullPresent(*table, keys, begin, end, insert_missing, stream, values,
+      chunk_misses[c] = pull(*table, keys, begin, end, insert_missing, stream, values,
                                     misses + begin);
     }
   });

@@ -88,12 +88,13 @@ def test_serving_pull_never_inserts():
   np.testing.assert_array_equal(v.numpy(), fresh.pull([1, 3, 4]).numpy())
 
 
-@pytest.mark.parametrize("dim", [32, 40, 33])
+@pytest.mark.parametrize("dim", [8, 16, 32, 40, 33, 64])
 def test_large_pull_matches_small_pulls(dim):
-  # 70,000 keys of dim 32 or 40 make an output above 8 MiB, which the pull
-  # writes with streaming stores (dim 33 is not a whole number of 32-byte
-  # lanes: ordinary stores); the rows must equal those of small pulls, for
-  # present, repeated and missing keys, inserting or not.
+  # 70,000 keys of dim 32, 40 or 64 make an output above 8 MiB, which the
+  # pull writes with streaming stores (dim 33 is not a whole number of
+  # 32-byte lanes: ordinary stores); dims 8, 16, 32 and 64 have their own
+  # compiled loop, 33 and 40 the general one. The rows must equal those of
+  # small pulls, for present, repeated and missing keys, inserting or not.
   rng = np.random.default_rng(dim)
   keys = rng.integers(0, 20_000, size=70_000).astype(np.int64)
   keys[::7] = rng.integers(INT64_MIN, INT64_MAX, size=keys[::7].shape)
