@@ -764,8 +764,8 @@ Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
     for (; c < chunks; c = next.fetch_add(1, std::memory_order_relaxed)) {
       const int64_t begin = c * kChunk;
       const int64_t end = std::min(n, begin + kChunk);
-      chunk_misses[c] = pull(*table, keys, begin, end, insert_missing, stream, values,
-                                    misses + begin);
+      chunk_misses[c] =
+          pull(*table, keys, begin, end, insert_missing, stream, values, misses + begin);
     }
   });
   for (int64_t c = 0; c < chunks; ++c) {

@@ -173,10 +173,6 @@ class ChunkPool {
 };
 
 // ---------------------------------------------------------------------------
-// RowArena: rows of a fixed byte stride in fixed-size chunks from the
-// table's ChunkPool. A row index stays valid until the row is moved by
-// Compact(); growth never moves rows (no realloc), and the unused tail is
-// at most one chunk per shard.
 // The key stored at the start of a row.
 inline int64_t RowKey(const char* row) {
   int64_t k;
@@ -184,6 +180,10 @@ inline int64_t RowKey(const char* row) {
   return k;
 }
 
+// RowArena: rows of a fixed byte stride in fixed-size chunks from the
+// table's ChunkPool. A row index stays valid until the row is moved by
+// Compact(); growth never moves rows (no realloc), and the unused tail is
+// at most one chunk per shard.
 class RowArena {
  public:
   explicit RowArena(ChunkPool* pool)
