@@ -487,16 +487,25 @@ inline void PrefetchBytes(const void* p, int64_t bytes) {
   }
 }
 
+// The row of `key` (hash `hash`) in `sh`, or nullptr: `candidate`, the row a
+// prefetch stage found for this hash (or nullptr), when it holds the key, as
+// it almost always does; else the one the index finds.
+inline char* FindRow(const Shard& sh, uint64_t hash, int64_t key, char* candidate) {
+  if (candidate != nullptr && sparse_table::RowKey(candidate) == key) return candidate;
+  const int64_t r = sh.index.Find(hash, key, sh.arena);
+  return r >= 0 ? sh.arena.Row(r) : nullptr;
+}
+
 // Calls fn(i, KeyHash(e[i].key), candidate) for i in [0, k), in order,
 // prefetching the bucket and then the first `row_bytes` of the row of keys
 // further ahead; `candidate` is the row prefetched for e[i].key (almost
-// always its row: check its key) or -1.
+// always its row: see FindRow) or nullptr.
 template <typename Fn>
 void ForEachKeyPrefetched(const Shard& sh, const GroupedKey* e, int64_t k,
                           int64_t row_bytes, Fn fn)
     ABSL_NO_THREAD_SAFETY_ANALYSIS {
   uint64_t hashes[kRing];
-  int64_t candidates[kRing];
+  char* candidates[kRing];
   auto bucket_stage = [&](int64_t j) {
     const uint64_t h = KeyHash(e[j].key);
     hashes[j & (kRing - 1)] = h;
@@ -504,8 +513,9 @@ void ForEachKeyPrefetched(const Shard& sh, const GroupedKey* e, int64_t k,
   };
   auto row_stage = [&](int64_t j) {
     const int64_t r = sh.index.FirstCandidate(hashes[j & (kRing - 1)]);
-    candidates[j & (kRing - 1)] = r;
-    if (r >= 0) PrefetchBytes<false>(sh.arena.Row(r), row_bytes);
+    char* row = r >= 0 ? sh.arena.Row(r) : nullptr;
+    candidates[j & (kRing - 1)] = row;
+    if (row != nullptr) PrefetchBytes<false>(row, row_bytes);
   };
   const int64_t a = std::min(k, kBucketAhead);
   for (int64_t j = 0; j < a; ++j) bucket_stage(j);
@@ -586,7 +596,7 @@ int64_t PullPresent(SparseTable& t, const int64_t* keys, int64_t begin, int64_t 
   const int64_t row_bytes = value_offset + dim * static_cast<int64_t>(sizeof(float));
   uint64_t hashes[kRing];
   const Shard* shards[kRing];
-  const char* rows[kRing];
+  char* rows[kRing];
   auto bucket_stage = [&](int64_t j) {
     const uint64_t h = KeyHash(keys[j]);
     const Shard* sh = &t.shard(t.ShardOf(h));
@@ -597,7 +607,7 @@ int64_t PullPresent(SparseTable& t, const int64_t* keys, int64_t begin, int64_t 
   auto row_stage = [&](int64_t j) {
     const Shard& sh = *shards[j & (kRing - 1)];
     const int64_t r = sh.index.FirstCandidate(hashes[j & (kRing - 1)]);
-    const char* row = r >= 0 ? sh.arena.Row(r) : nullptr;
+    char* row = r >= 0 ? sh.arena.Row(r) : nullptr;
     rows[j & (kRing - 1)] = row;
     if (row != nullptr) PrefetchBytes<false>(row, row_bytes);
   };
@@ -612,11 +622,7 @@ int64_t PullPresent(SparseTable& t, const int64_t* keys, int64_t begin, int64_t 
     const Shard& sh = *shards[i & (kRing - 1)];
     // The row prefetched for this key is almost always its own: then the
     // index need not be searched again, nor the row's address recomputed.
-    const char* row = rows[i & (kRing - 1)];
-    if (row == nullptr || sparse_table::RowKey(row) != keys[i]) {
-      const int64_t r = sh.index.Find(hashes[i & (kRing - 1)], keys[i], sh.arena);
-      row = r >= 0 ? sh.arena.Row(r) : nullptr;
-    }
+    const char* row = FindRow(sh, hashes[i & (kRing - 1)], keys[i], rows[i & (kRing - 1)]);
     if (row != nullptr) {
       const float* src = reinterpret_cast<const float*>(row + value_offset);
       if (stream) {
@@ -909,18 +915,15 @@ Status PushPart(SparseTable& t, const GroupedKey* e, int64_t k, int part, int pa
     absl::MutexLock l(&sh.mu);
     ForEachKeyPrefetched(
         sh, d, n, c.row_bytes(),
-        [&](int64_t i, uint64_t h, int64_t candidate) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        [&](int64_t i, uint64_t h, char* candidate) ABSL_NO_THREAD_SAFETY_ANALYSIS {
           if (!status.ok()) return;
           // The sums are in order of first occurrence, read here in shard
           // order: fetch them as far ahead as the rows.
           if (i + kRowAhead < n) {
             PrefetchBytes<false>(sums + d[i + kRowAhead].pos * dim, grad_bytes);
           }
-          const int64_t r = sh.index.Find(h, d[i].key, sh.arena, candidate);
-          char* row;
-          if (r >= 0) {
-            row = sh.arena.Row(r);
-          } else {
+          char* row = FindRow(sh, h, d[i].key, candidate);
+          if (row == nullptr) {
             if (admission) return;  // not admitted yet: the gradient is dropped
             row = t.InsertRow(sh, h, d[i].key, step, &status);
             if (row == nullptr) return;

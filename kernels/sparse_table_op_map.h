@@ -327,14 +327,6 @@ class ShardIndex {
     }
   }
 
-  // Find(), trying first `candidate`: a row FirstCandidate() gave for this
-  // hash (almost always the key's row), or -1.
-  int64_t Find(uint64_t hash, int64_t key, const RowArena& arena,
-               int64_t candidate) const {
-    if (candidate >= 0 && arena.Key(candidate) == key) return candidate;
-    return Find(hash, key, arena);
-  }
-
   // Whether one more row fits without growing.
   bool HasRoomFor(uint64_t rows) const { return rows <= max_rows_; }
 
