@@ -18,11 +18,15 @@ peers take turns in each round, so load from other processes hits all of
 them alike):
   hpc_ops tf.function   one allreduce per tf.function call (the training
                         path: dispatch included)
+  hpc_ops eager         one allreduce per eager op call (no tf.function:
+                        the op's own dispatch, without a function call's)
   hpc_ops chained       K dependent allreduces inside one tf.function, per
                         allreduce (dispatch amortised)
-  paired                mpi4py Allreduce, hpc_ops tf.function and hpc_ops
+  paired                mpi4py Allreduce, hpc_ops tf.function, eager and
                         chained in the same pair of processes, taking turns
-                        block by block; ratios per block (this VM has periods
+                        block by block, with an empty tf.function call on
+                        the same input (what a call costs without any
+                        collective); ratios per block (this VM has periods
                         of tens of seconds in which memory-bound steps, MPI's
                         too, run several times slower, so peers measured in
                         separate processes can land in different periods)
@@ -84,12 +88,14 @@ def emit(rank, **kv):
 
 
 def hpc_ops_functions(nbytes):
-  """(one, chained, k): one allreduce (sum) per tf.function call, and k
-  dependent allreduces (average) in one tf.function."""
+  """(one, eager, chained, k): one allreduce (sum) per tf.function call, one
+  per eager call, and k dependent allreduces (average) in one
+  tf.function."""
   import tensorflow as tf
   import hpc_ops.collective as coll
   k = 10 if nbytes <= 1 << 20 else 3
   one = tf.function(lambda v: coll.allreduce(v, "sum"))
+  eager = lambda v: coll.allreduce(v, "sum", name="bench_eager")  # noqa: E731
 
   @tf.function
   def chained(v):
@@ -97,7 +103,7 @@ def hpc_ops_functions(nbytes):
       v = coll.allreduce(v, "average")
     return v
 
-  return one, chained, k
+  return one, eager, chained, k
 
 
 def worker_hpc_ops(sizes, quick):
@@ -110,13 +116,15 @@ def worker_hpc_ops(sizes, quick):
   for nbytes in sizes:
     blocks, calls = reps_for(nbytes, quick)
     x = tf.fill([nbytes // 4], float(r + 1))
-    one, chained, k = hpc_ops_functions(nbytes)
-    y = one(x)
-    assert float(y[0]) == p * (p + 1) / 2 and float(y[-1]) == float(y[0])
+    one, eager, chained, k = hpc_ops_functions(nbytes)
+    for y in (one(x), eager(x)):
+      assert float(y[0]) == p * (p + 1) / 2 and float(y[-1]) == float(y[0])
     t_one = block_median(lambda: one(x), blocks, calls)
+    t_eager = block_median(lambda: eager(x), blocks, calls)
     t_chain = block_median(lambda: chained(x), blocks,
                            max(1, calls // k)) / k
     emit(r, peer="hpc_ops", bytes=nbytes, seconds=t_one)
+    emit(r, peer="hpc_ops_eager", bytes=nbytes, seconds=t_eager)
     emit(r, peer="hpc_ops_chained", bytes=nbytes, seconds=t_chain)
 
   # 64 tensors of 16 KB issued together vs one tensor of 1 MB. The 64 come
@@ -220,16 +228,21 @@ def worker_paired(sizes, quick):
     xn = np.full(nbytes // 4, r + 1, np.float32)
     yn = np.empty_like(xn)
     x = tf.fill([nbytes // 4], float(r + 1))
-    one, chained, k = hpc_ops_functions(nbytes)
+    one, eager, chained, k = hpc_ops_functions(nbytes)
+    # An empty tf.function call on the same input: the part of "one" that
+    # is the call itself, not the allreduce.
+    empty = tf.function(tf.identity)
     fns = {"mpi4py": (lambda: comm.Allreduce(xn, yn, op=MPI.SUM), calls * 3, 1),
            "one": (lambda: one(x), calls, 1),
+           "empty": (lambda: empty(x), calls, 1),
+           "eager": (lambda: eager(x), calls, 1),
            "chained": (lambda: chained(x), max(1, calls // k), k)}
     for fn, _, _ in fns.values():
       fn()
       fn()
     times = {name: [] for name in fns}
     for b in range(blocks):
-      names = list(fns)[b % 3:] + list(fns)[:b % 3]
+      names = list(fns)[b % len(fns):] + list(fns)[:b % len(fns)]
       for name in names:
         fn, n, per = fns[name]
         comm.Barrier()
@@ -241,9 +254,11 @@ def worker_paired(sizes, quick):
     med = {name: statistics.median(t) for name, t in times.items()}
     ratio = {name: statistics.median(
         m / t for m, t in zip(times["mpi4py"], times[name], strict=True))
-             for name in ("one", "chained")}
+             for name in ("one", "eager", "chained")}
     emit(r, peer="paired", bytes=nbytes, mpi4py=med["mpi4py"],
-         one=med["one"], chained=med["chained"], ratio_one=ratio["one"],
+         one=med["one"], empty=med["empty"], eager=med["eager"],
+         chained=med["chained"],
+         ratio_one=ratio["one"], ratio_eager=ratio["eager"],
          ratio_chained=ratio["chained"], seconds=med["chained"])
 
 
@@ -398,16 +413,19 @@ def main():
   rows = []
   for nbytes in sizes:
     ours, chain = t("hpc_ops", nbytes), t("hpc_ops_chained", nbytes)
+    eager = t("hpc_ops_eager", nbytes)
     mpi, hvd, tfc = (t("mpi4py", nbytes), t("horovod", nbytes),
                      t("tf_collective", nbytes))
-    rows.append([fmt_size(nbytes), cell(ours), cell(chain),
+    rows.append([fmt_size(nbytes), cell(ours), cell(eager), cell(chain),
                  "%.2f GB/s" % (nbytes / ours / 1e9) if ours else "-",
-                 cell(mpi), ratio(mpi, ours), ratio(mpi, chain), cell(hvd),
+                 cell(mpi), ratio(mpi, ours), ratio(mpi, eager),
+                 ratio(mpi, chain), cell(hvd),
                  ratio(hvd, ours), cell(tfc), ratio(tfc, ours)])
   bench_util.print_table(
       "Time per allreduce (%s)" % label,
-      ["size", "hpc_ops tf.function", "hpc_ops chained", "hpc_ops algbw",
-       "mpi4py", "bw vs mpi4py", "chained bw vs mpi4py", "Horovod",
+      ["size", "hpc_ops tf.function", "hpc_ops eager", "hpc_ops chained",
+       "hpc_ops algbw", "mpi4py", "bw vs mpi4py", "eager bw vs mpi4py",
+       "chained bw vs mpi4py", "Horovod",
        "speedup vs Horovod", "TF collective", "speedup vs TF"], rows)
   paired_rows = []
   for nbytes in sizes:
@@ -416,15 +434,18 @@ def main():
       continue
     med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
     paired_rows.append([fmt_size(nbytes), cell(med("mpi4py")), cell(med("one")),
-                        cell(med("chained")), "%.2fx" % med("ratio_one"),
+                        cell(med("empty")), cell(med("eager")), cell(med("chained")),
+                        "%.2fx" % med("ratio_one"), "%.2fx" % med("ratio_eager"),
                         "%.2fx" % med("ratio_chained")])
   if paired_rows:
     bench_util.print_table(
         "The same pair of processes, mpi4py and hpc_ops taking turns block "
         "by block (MPI initialised by mpi4py; ratios: median over blocks of "
         "mpi4py time / hpc_ops time, median over rounds) (%s)" % label,
-        ["size", "mpi4py", "hpc_ops tf.function", "hpc_ops chained",
-         "bw vs mpi4py", "chained bw vs mpi4py"], paired_rows)
+        ["size", "mpi4py", "hpc_ops tf.function", "empty tf.function call",
+         "hpc_ops eager", "hpc_ops chained", "bw vs mpi4py",
+         "eager bw vs mpi4py",
+         "chained bw vs mpi4py"], paired_rows)
   many = by.get(("hpc_ops_64x16KB", 1 << 20))
   in_one = t("hpc_ops_64x16KB_grouped", 1 << 20)
   single = t("hpc_ops_1x1MB", 1 << 20)
