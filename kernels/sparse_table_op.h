@@ -362,7 +362,7 @@ class AllShardsLock {
 // reused by that thread's next call: TF's default CPU allocator hands out
 // fresh pages for every large temporary (a page fault per 4 KiB). Larger
 // requests get a temporary tensor. A thread runs one kernel call at a time
-// (it blocks in ParallelFor until the work is done), so its buffer is never
+// (it waits until the call's parallel work is done), so its buffer is never
 // shared by two calls.
 class CallScratch {
  public:

@@ -414,10 +414,11 @@ void GroupKeysByHashPrefix(OpKernelContext* ctx, const int64_t* keys, int64_t n,
   // vector (blocks' counters sharing cache lines cost tens of cycles a key).
   const int blocks = static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>(CpuNumThreads(ctx), n / 16384)));
+  auto block_begin = [&](int64_t b) { return n * b / blocks; };
   std::vector<int64_t> counts(static_cast<size_t>(blocks) * G, 0);
-  CpuForEachShard(ctx, n, blocks, [&](int b, int64_t begin, int64_t end) {
+  CpuShareChunks(ctx, blocks, blocks, [] { return 0; }, [&](int64_t b) {
     std::vector<int64_t> c(G, 0);
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i = block_begin(b); i < block_begin(b + 1); ++i) {
       const int s = ShardOfHash(KeyHash(keys[i]), bits);
       group_of[i] = static_cast<uint16_t>(s);
       ++c[s];
@@ -436,10 +437,10 @@ void GroupKeysByHashPrefix(OpKernelContext* ctx, const int64_t* keys, int64_t n,
   }
   g->begin[G] = total;
   GroupedKey* out = g->entries;
-  CpuForEachShard(ctx, n, blocks, [&](int b, int64_t begin, int64_t end) {
+  CpuShareChunks(ctx, blocks, blocks, [] { return 0; }, [&](int64_t b) {
     std::vector<int64_t> cursor(counts.begin() + static_cast<size_t>(b) * G,
                                 counts.begin() + static_cast<size_t>(b + 1) * G);
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i = block_begin(b); i < block_begin(b + 1); ++i) {
       GroupedKey& e = out[cursor[group_of[i]]++];
       e.key = keys[i];
       e.pos = i;
@@ -690,11 +691,10 @@ Status InsertMissing(SparseTable& t, Shard& sh, const GroupedKey* e, int64_t k,
 }
 
 // Runs fn(shard) for every shard with keys, in parallel, and returns the
-// first error in shard order. Each shard is handled by one task (so no two
+// first error in shard order. Each shard is handled by one thread (so no two
 // threads of one op contend for a shard lock). Shard sizes are very uneven
 // under skewed keys (the shard of the hottest id can hold a tenth of a
-// batch), so the shards are dealt largest first to the least loaded of
-// 2 x threads tasks.
+// batch), so the threads claim the shards largest first.
 template <typename Fn>
 Status ForEachShard(OpKernelContext* ctx, const KeyGroups& g, int num_shards,
                     int64_t cost_per_key, Fn fn) {
@@ -706,26 +706,14 @@ Status ForEachShard(OpKernelContext* ctx, const KeyGroups& g, int num_shards,
     if (g.begin[s + 1] > g.begin[s]) order.push_back(s);
   }
   auto size = [&](int s) { return g.begin[s + 1] - g.begin[s]; };
-  const int tasks = static_cast<int>(std::min<int64_t>(
-      std::min<int64_t>(2 * CpuNumThreads(ctx), static_cast<int64_t>(order.size())),
+  const int workers = static_cast<int>(std::min<int64_t>(
+      CpuNumThreads(ctx),
       std::max<int64_t>(1, n * cost_per_key / 50000)));  // >= ~20 us of work each
-  if (tasks <= 1) {
-    for (int s : order) status[s] = fn(s);
-  } else {
+  if (workers > 1) {
     std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return size(a) > size(b); });
-    std::vector<std::vector<int>> task_shards(tasks);
-    std::vector<int64_t> load(tasks, 0);
-    for (int s : order) {
-      const int t = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
-      task_shards[t].push_back(s);
-      load[t] += size(s);
-    }
-    CpuForEachShard(ctx, tasks, tasks, [&](int, int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        for (int s : task_shards[t]) status[s] = fn(s);
-      }
-    });
   }
+  CpuShareChunks(ctx, static_cast<int64_t>(order.size()), workers, [] { return 0; },
+                 [&](int64_t i) { status[order[i]] = fn(order[i]); });
   for (const Status& s : status) TF_RETURN_IF_ERROR(s);
   return Status();
 }
@@ -748,11 +736,11 @@ Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
                                               sparse_table::GroupScratchBytes(n)));
   int64_t* misses = scratch.Take<int64_t>(n);
   int64_t m = 0;  // misses, compacted in batch order
-  // The batch is read in chunks that the threads take in order from a
-  // shared counter, each thread under every shard's reader lock (taken once
-  // per thread): a thread that starts late (the cores are shared with the
-  // caller's other threads) leaves its share to the others. One thread per
-  // 8k keys at most (a thread pays num_shards lock round trips and a
+  // The batch is read in chunks that the threads claim in order
+  // (CpuShareChunks), each thread under every shard's reader lock (taken
+  // once per thread): a thread that starts late (the cores are shared with
+  // the caller's other threads) leaves its share to the others. One thread
+  // per 8k keys at most (a thread pays num_shards lock round trips and a
   // hand-off).
   constexpr int64_t kChunk = 4096;
   constexpr int64_t kKeysPerThread = 8192;
@@ -762,18 +750,15 @@ Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
   std::vector<int64_t> chunk_misses(chunks, 0);
   const bool stream = StreamPullOutput(values, n, table->dim());
   const auto pull = PullPresentFor(table->dim());
-  std::atomic<int64_t> next{0};
-  CpuForEachShard(ctx, workers, workers, [&](int, int64_t, int64_t) {
-    int64_t c = next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= chunks) return;
-    sparse_table::AllShardsLock lock(table, /*exclusive=*/false);
-    for (; c < chunks; c = next.fetch_add(1, std::memory_order_relaxed)) {
-      const int64_t begin = c * kChunk;
-      const int64_t end = std::min(n, begin + kChunk);
-      chunk_misses[c] =
-          pull(*table, keys, begin, end, insert_missing, stream, values, misses + begin);
-    }
-  });
+  CpuShareChunks(
+      ctx, chunks, workers,
+      [&] { return sparse_table::AllShardsLock(table, /*exclusive=*/false); },
+      [&](int64_t c) {
+        const int64_t begin = c * kChunk;
+        const int64_t end = std::min(n, begin + kChunk);
+        chunk_misses[c] =
+            pull(*table, keys, begin, end, insert_missing, stream, values, misses + begin);
+      });
   for (int64_t c = 0; c < chunks; ++c) {
     if (m != c * kChunk && chunk_misses[c] > 0) {
       std::memmove(misses + m, misses + c * kChunk, chunk_misses[c] * sizeof(int64_t));
@@ -948,10 +933,10 @@ Status PushParts(OpKernelContext* ctx, SparseTable* table, const int64_t* keys, 
   const int64_t dim = table->dim();
   // Parts: a power of two, at most the shards, about four per thread (a
   // part holding the batch's hottest keys takes longer, and more parts
-  // than threads let the pool even that out: against two per thread, at
-  // 65,536 keys on 2 threads, pushes 1.02-1.10x as fast over 1e7 ids and
-  // 0.98x over 1e6, pull+push 1.04-1.07x; eight per thread was slower),
-  // and one for small batches.
+  // than threads let the threads that claim them even that out: against
+  // two per thread, at 65,536 keys on 2 threads, pushes 1.02-1.10x as fast
+  // over 1e7 ids and 0.98x over 1e6, pull+push 1.04-1.07x; eight per thread
+  // was slower), and one for small batches.
   int part_bits = 0;
   while ((1 << part_bits) < std::min(4 * CpuNumThreads(ctx), kMaxParts) &&
          part_bits < table->shard_bits() && (n >> part_bits) >= 8192) {
@@ -978,16 +963,15 @@ Status PushParts(OpKernelContext* ctx, SparseTable* table, const int64_t* keys, 
   uint32_t* dedup = scratch.Take<uint32_t>(dedup_base[parts]);
 
   std::vector<Status> status(parts);
-  CpuForEachShard(ctx, parts, parts, [&](int, int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t b = g.begin[p];
-      if (g.begin[p + 1] == b) continue;
-      status[p] = PushPart<Update>(*table, g.entries + b, g.begin[p + 1] - b,
-                                   static_cast<int>(p), part_bits, grads, lr, step,
-                                   uniques + b, sums + b * dim, dedup + dedup_base[p],
-                                   dedup_base[p + 1] - dedup_base[p], entries + b);
-    }
-  });
+  auto push_part = [&](int64_t p) {
+    const int64_t b = g.begin[p];
+    if (g.begin[p + 1] == b) return;
+    status[p] = PushPart<Update>(*table, g.entries + b, g.begin[p + 1] - b,
+                                 static_cast<int>(p), part_bits, grads, lr, step,
+                                 uniques + b, sums + b * dim, dedup + dedup_base[p],
+                                 dedup_base[p + 1] - dedup_base[p], entries + b);
+  };
+  CpuShareChunks(ctx, parts, CpuNumThreads(ctx), [] { return 0; }, push_part);
   for (const Status& s : status) TF_RETURN_IF_ERROR(s);
   return Status();
 }

@@ -2,8 +2,12 @@
 #ifndef HPC_OPS_KERNELS_COMMON_CPU_PARALLEL_H_
 #define HPC_OPS_KERNELS_COMMON_CPU_PARALLEL_H_
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <thread>
 
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/platform/threadpool.h"
@@ -45,6 +49,58 @@ inline void CpuForEachShard(
 // The number of threads CpuParallelFor can use.
 inline int CpuNumThreads(tensorflow::OpKernelContext* ctx) {
   return ctx->device()->tensorflow_cpu_worker_threads()->num_threads;
+}
+
+// Runs fn(chunk) for every chunk in [0, chunks) on the calling thread and on
+// up to `workers - 1` threads of the intra-op pool, which claim chunks in
+// order from a shared counter. begin(), called on a thread before its first
+// chunk (only on threads that get one), is for per-thread set-up such as
+// taking locks; it returns an object that lives until that thread has run
+// its last chunk. Returns when every chunk has run.
+//
+// Unlike ParallelFor, the caller does not wait for pool threads that wake up
+// after every chunk is claimed (on a VM, waking an idle vCPU can take longer
+// than a whole short kernel): a helper that starts late finds nothing to do
+// and returns without touching the caller's state, and the caller waits
+// only for helpers that hold a chunk, by spinning, since those finish within
+// one chunk's time.
+template <typename Begin, typename Fn>
+void CpuShareChunks(tensorflow::OpKernelContext* ctx, int64_t chunks, int workers, Begin begin,
+                    Fn fn) {
+  if (chunks <= 0) return;
+  struct Claims {
+    std::atomic<int64_t> next{0};
+    std::atomic<int> active{0};  // helpers between their claim and their last chunk
+  };
+  auto claims = std::make_shared<Claims>();
+  // Runs the chunks that this thread claims, starting with `first`.
+  auto run = [&](int64_t first) {
+    if (first >= chunks) return;
+    [[maybe_unused]] auto scope = begin();
+    for (int64_t c = first; c < chunks; c = claims->next.fetch_add(1)) fn(c);
+  };
+  const int helpers = static_cast<int>(std::min<int64_t>(workers, chunks)) - 1;
+  if (helpers > 0) {
+    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    for (int h = 0; h < helpers; ++h) {
+      // `run` (the caller's frame) is used only after a successful claim,
+      // and the caller does not return while a claim is held: a helper
+      // counts itself active before it claims, and the caller, once its own
+      // claim has failed, waits until no helper is active. (Sequentially
+      // consistent: a claim that succeeds is ordered before the caller's
+      // failed one, so its helper's increment is visible to the caller.)
+      pool->Schedule([claims, chunks, &run] {
+        claims->active.fetch_add(1);
+        const int64_t c = claims->next.fetch_add(1);
+        if (c < chunks) run(c);
+        claims->active.fetch_sub(1);
+      });
+    }
+  }
+  run(claims->next.fetch_add(1));
+  for (int spins = 0; claims->active.load() != 0; ++spins) {
+    if (spins >= 64) std::this_thread::yield();
+  }
 }
 
 }  // namespace hpc_ops
