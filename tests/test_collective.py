@@ -261,6 +261,31 @@ def test_import_without_the_library(fresh_python):
   assert "apt-get install libopenmpi-dev openmpi-bin" in proc.stdout
 
 
+@pytest.mark.parametrize("cpus,env,spinning", [
+    ("one", {}, False),            # bound to one CPU: spinning off
+    ("one", {"HPC_OPS_TF_SPINNING": "1"}, True),  # opted out
+    ("all", {}, True),             # several CPUs: TensorFlow's default
+    ("one, after an op", {}, True),  # the context had started: left alone
+])
+def test_pool_spinning_is_off_in_a_process_on_one_cpu(fresh_python, cpus,
+                                                      env, spinning):
+  proc = fresh_python("""
+      import os
+      if %r.startswith("one"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+      import tensorflow as tf
+      if %r.endswith("after an op"):
+        tf.constant(1) + 1
+      import hpc_ops.distributed as hd
+      from tensorflow.python.eager import context
+      cfg = context.context().config
+      print("SPIN_OFF", cfg.experimental.disable_thread_spinning)
+      print("SUM", float(hd.allreduce(tf.ones([3]), op="sum")[0]))
+  """ % (cpus, cpus), env=env)
+  assert "SPIN_OFF %s" % (not spinning) in proc.stdout, proc.stdout
+  assert "SUM 1.0" in proc.stdout, proc.stdout
+
+
 def test_launcher_command_line():
   cmd = hpc_run.mpirun_command(4, ["train.py", "--x", "1"], status_dir="/s")
   joined = " ".join(cmd)
