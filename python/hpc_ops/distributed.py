@@ -41,12 +41,12 @@ def _quiet_pool_threads():
   """Turns off the spinning of TensorFlow's thread pools in a process that
   may run on one CPU only (mpirun binds each of N processes on N cores to
   one core): a pool thread that spins while it waits for work takes that
-  CPU from the collectives' runtime thread and TensorFlow's executor. On a
-  2-vCPU VM, 2 processes: a chained 4 KB allreduce 41-43 us instead of
-  50-51 us, a tf.function call of one 64 KB allreduce 295-299 us instead
-  of 366-472 us. TensorFlow reads the setting only when its eager context
-  starts, so this is done at import and only if no TensorFlow op has run
-  yet; HPC_OPS_TF_SPINNING=1 keeps TensorFlow's default."""
+  CPU from the collectives' runtime thread and TensorFlow's executor (2
+  processes on a 2-vCPU VM: a chained 4 KB allreduce 41-49 us instead of
+  50-60 us, 64 KB 54-59 us instead of 64-84 us; docs/collective.md).
+  TensorFlow reads the setting only when its eager context starts, so this
+  is done at import and only if no TensorFlow op has run yet;
+  HPC_OPS_TF_SPINNING=1 keeps TensorFlow's default."""
   if os.environ.get("HPC_OPS_TF_SPINNING", "") not in ("", "0"):
     return False
   try:
