@@ -416,7 +416,7 @@ void GroupKeysByHashPrefix(OpKernelContext* ctx, const int64_t* keys, int64_t n,
       1, std::min<int64_t>(CpuNumThreads(ctx), n / 16384)));
   auto block_begin = [&](int64_t b) { return n * b / blocks; };
   std::vector<int64_t> counts(static_cast<size_t>(blocks) * G, 0);
-  CpuShareChunks(ctx, blocks, blocks, [] { return 0; }, [&](int64_t b) {
+  CpuShareChunks(ctx, blocks, blocks, [&](int64_t b) {
     std::vector<int64_t> c(G, 0);
     for (int64_t i = block_begin(b); i < block_begin(b + 1); ++i) {
       const int s = ShardOfHash(KeyHash(keys[i]), bits);
@@ -437,7 +437,7 @@ void GroupKeysByHashPrefix(OpKernelContext* ctx, const int64_t* keys, int64_t n,
   }
   g->begin[G] = total;
   GroupedKey* out = g->entries;
-  CpuShareChunks(ctx, blocks, blocks, [] { return 0; }, [&](int64_t b) {
+  CpuShareChunks(ctx, blocks, blocks, [&](int64_t b) {
     std::vector<int64_t> cursor(counts.begin() + static_cast<size_t>(b) * G,
                                 counts.begin() + static_cast<size_t>(b + 1) * G);
     for (int64_t i = block_begin(b); i < block_begin(b + 1); ++i) {
@@ -712,7 +712,7 @@ Status ForEachShard(OpKernelContext* ctx, const KeyGroups& g, int num_shards,
   if (workers > 1) {
     std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return size(a) > size(b); });
   }
-  CpuShareChunks(ctx, static_cast<int64_t>(order.size()), workers, [] { return 0; },
+  CpuShareChunks(ctx, static_cast<int64_t>(order.size()), workers,
                  [&](int64_t i) { status[order[i]] = fn(order[i]); });
   for (const Status& s : status) TF_RETURN_IF_ERROR(s);
   return Status();
@@ -971,7 +971,7 @@ Status PushParts(OpKernelContext* ctx, SparseTable* table, const int64_t* keys, 
                                  uniques + b, sums + b * dim, dedup + dedup_base[p],
                                  dedup_base[p + 1] - dedup_base[p], entries + b);
   };
-  CpuShareChunks(ctx, parts, CpuNumThreads(ctx), [] { return 0; }, push_part);
+  CpuShareChunks(ctx, parts, CpuNumThreads(ctx), push_part);
   for (const Status& s : status) TF_RETURN_IF_ERROR(s);
   return Status();
 }

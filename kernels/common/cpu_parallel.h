@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <utility>
 
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/platform/threadpool.h"
@@ -101,6 +102,12 @@ void CpuShareChunks(tensorflow::OpKernelContext* ctx, int64_t chunks, int worker
   for (int spins = 0; claims->active.load() != 0; ++spins) {
     if (spins >= 64) std::this_thread::yield();
   }
+}
+
+// CpuShareChunks for work without per-thread set-up.
+template <typename Fn>
+void CpuShareChunks(tensorflow::OpKernelContext* ctx, int64_t chunks, int workers, Fn fn) {
+  CpuShareChunks(ctx, chunks, workers, [] { return 0; }, std::move(fn));
 }
 
 }  // namespace hpc_ops

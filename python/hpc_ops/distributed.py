@@ -48,23 +48,22 @@ def _quiet_pool_threads():
   is done at import and only if no TensorFlow op has run yet;
   HPC_OPS_TF_SPINNING=1 keeps TensorFlow's default."""
   if os.environ.get("HPC_OPS_TF_SPINNING", "") not in ("", "0"):
-    return False
+    return
   try:
     if len(os.sched_getaffinity(0)) != 1:
-      return False
+      return
     from tensorflow.core.protobuf import config_pb2
     from tensorflow.python.eager import context
     ctx = context.context()
     if ctx._initialized:  # pylint: disable=protected-access
-      return False
+      return
     config = config_pb2.ConfigProto()
     if ctx._config is not None:  # pylint: disable=protected-access
       config.CopyFrom(ctx._config)  # pylint: disable=protected-access
     config.experimental.disable_thread_spinning = True
     ctx._config = config  # pylint: disable=protected-access
-    return True
   except (AttributeError, ImportError, OSError):
-    return False  # another TensorFlow's internals: leave its default
+    pass  # another TensorFlow's internals: leave its default
 
 
 _quiet_pool_threads()
