@@ -765,7 +765,8 @@ Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
       std::max<int64_t>(1, std::min<int64_t>(CpuNumThreads(ctx), n / kKeysPerThread)));
   std::vector<int64_t> chunk_misses(chunks, 0);
   const bool stream = StreamPullOutput(values, n, table->dim());
-  const auto pull = stream ? PullPresentFor<true>(table->dim()) : PullPresentFor<false>(table->dim());
+  const auto pull =
+      stream ? PullPresentFor<true>(table->dim()) : PullPresentFor<false>(table->dim());
   CpuShareChunks(
       ctx, chunks, workers,
       [&] { return sparse_table::AllShardsLock(table, /*exclusive=*/false); },
