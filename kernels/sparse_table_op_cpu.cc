@@ -475,12 +475,11 @@ constexpr int64_t kRing = 64;  // power of two > every "ahead" distance
 // The pull's batch-order loop does less work per key (most keys of a skewed
 // batch are hot and hit the caches), so it looks further ahead for the rare
 // cold keys: a bucket must arrive before its row can be prefetched. Rows of
-// up to 16 floats (two lines to prefetch) are fetched 32 keys ahead, their
-// buckets 64 (in-process A/B on an Intel Xeon VM against 16 and 32: pull
-// calls 1.02x-1.10x faster at 1e7 ids, D 16, 1.02x-1.03x at D 8, 1.08x-1.12x at
-// 1e6 ids, D 16; 48/24 and 96/48 as fast as 64/32, 24/12 slower); wider
-// rows 16 and 32 keys ahead (64/32 took 0.98x-1.00x at D 64: each row is
-// five lines).
+// up to 16 floats (two lines to prefetch) are fetched 32 keys ahead and
+// their buckets 64; wider rows 16 and 32. In-process A/B on an Intel Xeon
+// VM against 16 and 32: pull calls 1.02x-1.10x faster at 1e7 ids, D 16,
+// 1.02x-1.03x at D 8, 1.08x-1.12x at 1e6 ids, D 16 (48/24 and 96/48 as fast
+// as 64/32, 24/12 slower), 0.98x-1.00x at D 64, where a row is five lines.
 template <int kDim>
 constexpr int64_t PullRowAhead() {
   return kDim > 0 && kDim <= 16 ? 32 : 16;
