@@ -418,7 +418,8 @@ void GroupKeysByHashPrefix(OpKernelContext* ctx, const int64_t* keys, int64_t n,
   std::vector<int64_t> counts(static_cast<size_t>(blocks) * G, 0);
   CpuShareChunks(ctx, blocks, blocks, [&](int64_t b) {
     std::vector<int64_t> c(G, 0);
-    for (int64_t i = block_begin(b); i < block_begin(b + 1); ++i) {
+    const int64_t end = block_begin(b + 1);
+    for (int64_t i = block_begin(b); i < end; ++i) {
       const int s = ShardOfHash(KeyHash(keys[i]), bits);
       group_of[i] = static_cast<uint16_t>(s);
       ++c[s];
@@ -440,7 +441,8 @@ void GroupKeysByHashPrefix(OpKernelContext* ctx, const int64_t* keys, int64_t n,
   CpuShareChunks(ctx, blocks, blocks, [&](int64_t b) {
     std::vector<int64_t> cursor(counts.begin() + static_cast<size_t>(b) * G,
                                 counts.begin() + static_cast<size_t>(b + 1) * G);
-    for (int64_t i = block_begin(b); i < block_begin(b + 1); ++i) {
+    const int64_t end = block_begin(b + 1);
+    for (int64_t i = block_begin(b); i < end; ++i) {
       GroupedKey& e = out[cursor[group_of[i]]++];
       e.key = keys[i];
       e.pos = i;
