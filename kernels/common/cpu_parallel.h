@@ -99,8 +99,13 @@ void CpuShareChunks(tensorflow::OpKernelContext* ctx, int64_t chunks, int worker
     }
   }
   run(claims->next.fetch_add(1));
-  for (int spins = 0; claims->active.load() != 0; ++spins) {
-    if (spins >= 64) std::this_thread::yield();
+  // Spin a little, then yield (a helper's chunk may be long: a push part).
+  for (int spins = 0; claims->active.load() != 0;) {
+    if (spins < 64) {
+      ++spins;
+    } else {
+      std::this_thread::yield();
+    }
   }
 }
 
