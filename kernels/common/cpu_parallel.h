@@ -109,6 +109,27 @@ void CpuShareChunks(tensorflow::OpKernelContext* ctx, int64_t chunks, int worker
   }
 }
 
+// Boundaries for CpuShareChunks over [0, n) items: chunk c is
+// [(*bounds)[c], (*bounds)[c + 1]). Chunks are `max_chunk` items long
+// until half of each worker's share of what remains is shorter, then that
+// long, down to `min_chunk` (lengths rounded up to a multiple of `align`;
+// the last chunk may be shorter). The threads' last chunks are then short,
+// so they finish close together: with equal chunks one thread may still be
+// a whole chunk from its end when the others find none left.
+template <typename Vector>
+void ShrinkingChunks(int64_t n, int workers, int64_t max_chunk, int64_t min_chunk,
+                     int64_t align, Vector* bounds) {
+  bounds->clear();
+  bounds->push_back(0);
+  const int64_t per = 2 * static_cast<int64_t>(std::max(workers, 1));
+  for (int64_t s = 0; s < n;) {
+    int64_t len = std::clamp((n - s) / per, min_chunk, max_chunk);
+    len = (len + align - 1) / align * align;
+    s = std::min(n, s + len);
+    bounds->push_back(s);
+  }
+}
+
 // CpuShareChunks for work without per-thread set-up.
 template <typename Fn>
 void CpuShareChunks(tensorflow::OpKernelContext* ctx, int64_t chunks, int workers, Fn fn) {
