@@ -182,3 +182,42 @@ def test_sparse_table_push_pull_export_evict_at_once_never_deadlock():
                 + out[-4000:])
   assert "TABLE PASS 36" in proc.stdout, proc.stdout + proc.stderr[-4000:]
   assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+# ---------------------------------------------------------------------------
+# CPU masks: a pool thread that helps a table op from its caller's CPU moves
+# off it for that time (kernels/common/cpu_parallel.h) and must restore its
+# mask.
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity")
+                    or len(os.sched_getaffinity(0)) < 2,
+                    reason="the move needs a process allowed on 2+ CPUs")
+def test_sparse_table_ops_leave_every_thread_cpu_mask_as_found():
+  mask = os.sched_getaffinity(0)
+  rng = np.random.default_rng(5)
+  ranks = np.minimum(rng.zipf(1.1, 65536), 10**7).astype(np.uint64)
+  keys = tf.constant((ranks * np.uint64(0x9E3779B97F4A7C15) >> np.uint64(1))
+                     .astype(np.int64))
+  grads = tf.fill([65536, 16], 1e-3)
+  table = hpc_ops.SparseTable(16, optimizer="adagrad")
+  pull = tf.function(table.pull)
+  push = tf.function(lambda k, g: table.push(k, g, 0.1))
+  # Another TensorFlow kernel between ours, as in a training step: it moves
+  # TensorFlow's threads between the CPUs, which is when a helper can wake
+  # on its caller's CPU.
+  w = tf.Variable(tf.ones([1 << 16, 16]))
+  other = tf.function(lambda k: tf.gather(w, tf.math.floormod(k, 1 << 16)))
+  first = pull(keys).numpy()
+  for _ in range(40):
+    pull(keys)
+    other(keys).numpy()
+    push(keys, grads)
+  assert not np.array_equal(pull(keys).numpy(), first)  # the pushes landed
+  assert os.sched_getaffinity(0) == mask
+  for tid in os.listdir("/proc/self/task"):
+    try:
+      thread_mask = os.sched_getaffinity(int(tid))
+    except ProcessLookupError:
+      continue  # the thread has ended
+    assert thread_mask == mask, "thread %s: %s" % (tid, sorted(thread_mask))

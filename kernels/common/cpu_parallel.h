@@ -10,6 +10,10 @@
 #include <thread>
 #include <utility>
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/platform/threadpool.h"
 
@@ -52,6 +56,50 @@ inline int CpuNumThreads(tensorflow::OpKernelContext* ctx) {
   return ctx->device()->tensorflow_cpu_worker_threads()->num_threads;
 }
 
+namespace internal {
+
+// The CPU the calling thread runs on, or -1 where that is not known.
+inline int CurrentCpu() {
+#if defined(__linux__)
+  return sched_getcpu();
+#else
+  return -1;
+#endif
+}
+
+// While alive, keeps the calling thread off CPU `cpu` if it is running there
+// and its affinity mask allows another CPU (by taking `cpu` out of the mask
+// for that time); then restores the mask it found. For a pool thread woken to
+// help a caller running on `cpu`: see CpuShareChunks.
+class OffCpu {
+ public:
+  explicit OffCpu(int cpu) {
+#if defined(__linux__)
+    if (cpu < 0 || sched_getcpu() != cpu) return;
+    if (sched_getaffinity(0, sizeof(saved_), &saved_) != 0) return;
+    if (!CPU_ISSET(cpu, &saved_) || CPU_COUNT(&saved_) < 2) return;
+    cpu_set_t others = saved_;
+    CPU_CLR(cpu, &others);
+    moved_ = sched_setaffinity(0, sizeof(others), &others) == 0;
+#endif
+  }
+  ~OffCpu() {
+#if defined(__linux__)
+    if (moved_) sched_setaffinity(0, sizeof(saved_), &saved_);
+#endif
+  }
+  OffCpu(const OffCpu&) = delete;
+  OffCpu& operator=(const OffCpu&) = delete;
+
+ private:
+#if defined(__linux__)
+  cpu_set_t saved_;
+#endif
+  bool moved_ = false;
+};
+
+}  // namespace internal
+
 // Runs fn(chunk) for every chunk in [0, chunks) on the calling thread and on
 // up to `workers - 1` threads of the intra-op pool, which claim chunks in
 // order from a shared counter. begin(), called on a thread before its first
@@ -65,23 +113,38 @@ inline int CpuNumThreads(tensorflow::OpKernelContext* ctx) {
 // and returns without touching the caller's state, and the caller waits
 // only for helpers that hold a chunk, by spinning, since those finish within
 // one chunk's time.
+//
+// A helper must also run beside its caller, not on the caller's CPU. On a
+// machine with few CPUs Linux may queue the woken pool thread on the CPU
+// its waker runs on, though another is idle, and keep it there: the helper
+// then either waits until the caller is done or takes the CPU from the
+// caller, and the "parallel" work runs on one CPU. (On a 2-vCPU VM that
+// happened for whole stretches of calls, about half of them: a 65,536-key
+// pull then took 0.8-0.9 ms in its kernel instead of 0.45.) So a helper
+// that starts on the CPU its caller last reported moves off it for its
+// chunks (internal::OffCpu), and a caller whose helpers have not started
+// after its first chunk yields once, so that a helper queued behind it
+// can start and move.
 template <typename Begin, typename Fn>
 void CpuShareChunks(tensorflow::OpKernelContext* ctx, int64_t chunks, int workers, Begin begin,
                     Fn fn) {
   if (chunks <= 0) return;
   struct Claims {
     std::atomic<int64_t> next{0};
-    std::atomic<int> active{0};  // helpers between their claim and their last chunk
+    std::atomic<int> active{0};   // helpers between their claim and their last chunk
+    std::atomic<int> started{0};  // helpers that have started
+    std::atomic<int> caller_cpu{-1};
   };
   auto claims = std::make_shared<Claims>();
-  // Runs the chunks that this thread claims, starting with `first`.
+  const int helpers = static_cast<int>(std::min<int64_t>(workers, chunks)) - 1;
+  // A helper's chunks, starting with `first`.
   auto run = [&](int64_t first) {
     if (first >= chunks) return;
     [[maybe_unused]] auto scope = begin();
     for (int64_t c = first; c < chunks; c = claims->next.fetch_add(1)) fn(c);
   };
-  const int helpers = static_cast<int>(std::min<int64_t>(workers, chunks)) - 1;
   if (helpers > 0) {
+    claims->caller_cpu.store(internal::CurrentCpu(), std::memory_order_relaxed);
     auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     for (int h = 0; h < helpers; ++h) {
       // `run` (the caller's frame) is used only after a successful claim,
@@ -91,14 +154,32 @@ void CpuShareChunks(tensorflow::OpKernelContext* ctx, int64_t chunks, int worker
       // consistent: a claim that succeeds is ordered before the caller's
       // failed one, so its helper's increment is visible to the caller.)
       pool->Schedule([claims, chunks, &run] {
+        claims->started.fetch_add(1);
         claims->active.fetch_add(1);
         const int64_t c = claims->next.fetch_add(1);
-        if (c < chunks) run(c);
+        if (c < chunks) {
+          internal::OffCpu off(claims->caller_cpu.load(std::memory_order_relaxed));
+          run(c);
+        }
         claims->active.fetch_sub(1);
       });
     }
   }
-  run(claims->next.fetch_add(1));
+  // The caller's chunks: like run(), reporting its CPU after each chunk (it
+  // may have moved).
+  int64_t c = claims->next.fetch_add(1);
+  if (c < chunks) {
+    [[maybe_unused]] auto scope = begin();
+    bool waited = helpers == 0;
+    for (; c < chunks; c = claims->next.fetch_add(1)) {
+      fn(c);
+      if (helpers > 0) claims->caller_cpu.store(internal::CurrentCpu(), std::memory_order_relaxed);
+      if (!waited) {
+        waited = true;
+        if (claims->started.load() == 0) std::this_thread::yield();
+      }
+    }
+  }
   // Spin a little, then yield (a helper's chunk may be long: a push part).
   for (int spins = 0; claims->active.load() != 0;) {
     if (spins < 64) {
