@@ -120,7 +120,7 @@ class OffCpu {
 // then either waits until the caller is done or takes the CPU from the
 // caller, and the "parallel" work runs on one CPU. (On a 2-vCPU VM that
 // happened for whole stretches of calls, about half of them: a 65,536-key
-// pull then took 0.8-0.9 ms in its kernel instead of 0.45.) So a helper
+// pull then took 0.8-1.1 ms in its kernel instead of about 0.45.) So a helper
 // that starts on the CPU its caller last reported moves off it for its
 // chunks (internal::OffCpu), and a caller whose helpers have not started
 // after its first chunk yields once, so that a helper queued behind it
