@@ -796,7 +796,7 @@ Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
   const int workers = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>(CpuNumThreads(ctx), n / kKeysPerThread)));
   std::vector<int64_t> bounds;
-  ShrinkingChunks(n, workers, kMaxChunk, kMinChunk, kMinChunk, &bounds);
+  ShrinkingChunks(n, workers, kMaxChunk, kMinChunk, &bounds);
   const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
   std::vector<int64_t> chunk_misses(chunks, 0);
   const bool stream = StreamPullOutput(values, n, table->dim());

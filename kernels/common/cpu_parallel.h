@@ -9,6 +9,7 @@
 #include <memory>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #if defined(__linux__)
 #include <sched.h>
@@ -137,11 +138,22 @@ void CpuShareChunks(tensorflow::OpKernelContext* ctx, int64_t chunks, int worker
   };
   auto claims = std::make_shared<Claims>();
   const int helpers = static_cast<int>(std::min<int64_t>(workers, chunks)) - 1;
-  // A helper's chunks, starting with `first`.
-  auto run = [&](int64_t first) {
+  // Runs the chunks that this thread claims, starting with `first`. The
+  // caller also reports its CPU after each chunk (it may have moved) and,
+  // after its first, yields once if no helper has started.
+  auto run = [&](int64_t first, bool caller) {
     if (first >= chunks) return;
     [[maybe_unused]] auto scope = begin();
-    for (int64_t c = first; c < chunks; c = claims->next.fetch_add(1)) fn(c);
+    const bool report = caller && helpers > 0;
+    bool waited = !report;
+    for (int64_t c = first; c < chunks; c = claims->next.fetch_add(1)) {
+      fn(c);
+      if (report) claims->caller_cpu.store(internal::CurrentCpu(), std::memory_order_relaxed);
+      if (!waited) {
+        waited = true;
+        if (claims->started.load() == 0) std::this_thread::yield();
+      }
+    }
   };
   if (helpers > 0) {
     claims->caller_cpu.store(internal::CurrentCpu(), std::memory_order_relaxed);
@@ -159,27 +171,13 @@ void CpuShareChunks(tensorflow::OpKernelContext* ctx, int64_t chunks, int worker
         const int64_t c = claims->next.fetch_add(1);
         if (c < chunks) {
           internal::OffCpu off(claims->caller_cpu.load(std::memory_order_relaxed));
-          run(c);
+          run(c, /*caller=*/false);
         }
         claims->active.fetch_sub(1);
       });
     }
   }
-  // The caller's chunks: like run(), reporting its CPU after each chunk (it
-  // may have moved).
-  int64_t c = claims->next.fetch_add(1);
-  if (c < chunks) {
-    [[maybe_unused]] auto scope = begin();
-    bool waited = helpers == 0;
-    for (; c < chunks; c = claims->next.fetch_add(1)) {
-      fn(c);
-      if (helpers > 0) claims->caller_cpu.store(internal::CurrentCpu(), std::memory_order_relaxed);
-      if (!waited) {
-        waited = true;
-        if (claims->started.load() == 0) std::this_thread::yield();
-      }
-    }
-  }
+  run(claims->next.fetch_add(1), /*caller=*/true);
   // Spin a little, then yield (a helper's chunk may be long: a push part).
   for (int spins = 0; claims->active.load() != 0;) {
     if (spins < 64) {
@@ -193,19 +191,18 @@ void CpuShareChunks(tensorflow::OpKernelContext* ctx, int64_t chunks, int worker
 // Boundaries for CpuShareChunks over [0, n) items: chunk c is
 // [(*bounds)[c], (*bounds)[c + 1]). Chunks are `max_chunk` items long
 // until half of each worker's share of what remains is shorter, then that
-// long, down to `min_chunk` (lengths rounded up to a multiple of `align`;
-// the last chunk may be shorter). The threads' last chunks are then short,
-// so they finish close together: with equal chunks one thread may still be
-// a whole chunk from its end when the others find none left.
-template <typename Vector>
-void ShrinkingChunks(int64_t n, int workers, int64_t max_chunk, int64_t min_chunk,
-                     int64_t align, Vector* bounds) {
+// long, down to `min_chunk` (lengths rounded up to a multiple of
+// `min_chunk`; the last chunk may be shorter). The threads' last chunks are
+// then short, so they finish close together: with equal chunks one thread
+// may still be a whole chunk from its end when the others find none left.
+inline void ShrinkingChunks(int64_t n, int workers, int64_t max_chunk, int64_t min_chunk,
+                            std::vector<int64_t>* bounds) {
   bounds->clear();
   bounds->push_back(0);
   const int64_t per = 2 * static_cast<int64_t>(std::max(workers, 1));
   for (int64_t s = 0; s < n;) {
     int64_t len = std::clamp((n - s) / per, min_chunk, max_chunk);
-    len = (len + align - 1) / align * align;
+    len = (len + min_chunk - 1) / min_chunk * min_chunk;
     s = std::min(n, s + len);
     bounds->push_back(s);
   }
