@@ -12,7 +12,15 @@ measurements did: that copies the [65536, D] result into a fresh array,
 whose first touches cost every variant the same fixed time per batch
 (about 1 ms at D 16 on a slow VM), not part of any lookup.
 
-  hpc_ops pull          tf.function(table.pull(keys))
+  hpc_ops pull          tf.function(table.pull(keys)), one call per batch
+                        (the calling pattern of the peer measurements);
+                        "pull, eager": table.pull(keys) called eagerly;
+                        "pull, 10 per function": a tf.function that pulls
+                        10 batches in turn, as a training step runs its
+                        lookups (TensorFlow's cost of a function call,
+                        about 0.2-0.5 ms on these VMs and the same for
+                        every variant, then falls on 10 batches); the
+                        peers' lookups are timed the same three ways
   hpc_ops pull+push     tf.function: v = pull(keys); push(keys, C, lr), table
                         optimizer Adagrad (C fixed [B, D], i.e. loss = sum(v*C))
   hpc_ops tape step     tf.function: GradientTape over
@@ -53,17 +61,54 @@ from hpc_ops import sparse_table  # noqa: E402
 ROWS = 1 << 20  # the peers' fixed Variable
 
 
+PER_FUNCTION = 10  # batches per call of the "pull, 10 per function" variants
+
+
+class PerFunction:
+  """`op(keys)` on `per_call` batches in turn (each after the previous one,
+  only the last result returned) inside one tf.function, as a training
+  step runs its lookups: TensorFlow's cost of calling a function, which a
+  one-op function pays on every batch, is then shared by `per_call`
+  batches. Called with `per_call` batches; time_interleaved divides."""
+
+  def __init__(self, op, per_call=PER_FUNCTION):
+    self.per_call = per_call
+
+    @tf.function
+    def fn(*keys):
+      out = None
+      for k in keys:
+        with tf.control_dependencies([] if out is None else [out]):
+          out = op(k)
+      return out
+
+    self.fn = fn
+
+  def __call__(self, *keys):
+    return self.fn(*keys)
+
+
+def _args(fn, batches, i):
+  """fn's arguments for its turn at batch i: the batch, or for a
+  PerFunction the per_call batches from i on (wrapping around)."""
+  k = getattr(fn, "per_call", 1)
+  return [batches[(i + j) % len(batches)] for j in range(k)]
+
+
 def time_interleaved(fns, batches, rounds, warm=2):
   """Median seconds per batch of each fn(batch) (its result is read back),
   with the variants taking turns: each round runs every variant over all
   batches, in an order rotated from round to round, so load changes on a
   shared machine hit all of them alike. Python's garbage collector is
   paused while timing (it would otherwise run at random points, in any
-  variant)."""
+  variant). A PerFunction is called at every (per_call / 2)-th batch, each
+  call pulling that batch and the next per_call - 1 (so it looks up each
+  batch twice a round, in overlapping windows); its time per batch is the
+  call's divided by per_call."""
   names = list(fns)
   for name in names:
-    for b in batches[:warm]:
-      _block(fns[name](b))
+    for i in range(warm):
+      _block(fns[name](*_args(fns[name], batches, i)))
   times = {name: [] for name in names}
   gc.collect()
   gc.disable()
@@ -71,10 +116,12 @@ def time_interleaved(fns, batches, rounds, warm=2):
     for r in range(rounds):
       for name in names[r % len(names):] + names[:r % len(names)]:
         fn = fns[name]
-        for b in batches:
+        k = getattr(fn, "per_call", 1)
+        for i in range(0, len(batches), max(1, k // 2)):
+          args = _args(fn, batches, i)
           t0 = time.perf_counter()
-          _block(fn(b))
-          times[name].append(time.perf_counter() - t0)
+          _block(fn(*args))
+          times[name].append((time.perf_counter() - t0) / k)
   finally:
     gc.enable()
   return {name: float(np.median(t)) for name, t in times.items()}
@@ -98,7 +145,8 @@ def ours(batches, dim, lr=0.01):
     table.pull(b)
   B = int(batches[0].shape[0])
   C = tf.random.normal([B, dim], stddev=1e-3, seed=1)
-  pull = tf.function(lambda k: table.pull(k))
+  pull_op = lambda k: table.pull(k)  # noqa: E731
+  pull = tf.function(pull_op)
 
   @tf.function
   def pull_push(k):
@@ -120,7 +168,10 @@ def ours(batches, dim, lr=0.01):
   def check():
     assert np.abs(table.pull(batches[0][:2]).numpy() - probe).max() > 0, "no update"
 
-  return {"pull": pull, "pull+push": pull_push, "tape step": tape_step}, check
+  per_call = min(PER_FUNCTION, len(batches))
+  return {"pull": pull, "pull, eager": pull_op,
+          "pull, %d per function" % per_call: PerFunction(pull_op, per_call),
+          "pull+push": pull_push, "tape step": tape_step}, check
 
 
 def peer(method, batches, uniq, dim, lr=0.01):
@@ -141,7 +192,8 @@ def peer(method, batches, uniq, dim, lr=0.01):
   B = int(batches[0].shape[0])
   C = tf.random.normal([B, dim], stddev=1e-3, seed=1)
   W = tf.Variable(tf.random.normal([ROWS, dim], stddev=0.01))
-  lookup = tf.function(lambda k: tf.nn.embedding_lookup(W, index(k)))
+  lookup_op = lambda k: tf.nn.embedding_lookup(W, index(k))  # noqa: E731
+  lookup = tf.function(lookup_op)
   opt = tf.compat.v1.train.AdagradOptimizer(lr)
 
   @tf.function
@@ -161,7 +213,10 @@ def peer(method, batches, uniq, dim, lr=0.01):
   def check():
     assert np.abs(first_rows() - probe).max() > 0, "no update"
 
-  return {"pull": lookup, "pull+push": step}, check
+  per_call = min(PER_FUNCTION, len(batches))
+  return {"pull": lookup, "pull, eager": lookup_op,
+          "pull, %d per function" % per_call: PerFunction(lookup_op, per_call),
+          "pull+push": step}, check
 
 
 def bytes_per_key(dim, num_keys=2_000_000):
