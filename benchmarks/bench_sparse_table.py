@@ -16,11 +16,12 @@ whose first touches cost every variant the same fixed time per batch
                         (the calling pattern of the peer measurements);
                         "pull, eager": table.pull(keys) called eagerly;
                         "pull, 10 per function": a tf.function that pulls
-                        10 batches in turn, as a training step runs its
-                        lookups (TensorFlow's cost of a function call,
-                        about 0.2-0.5 ms on these VMs and the same for
-                        every variant, then falls on 10 batches); the
-                        peers' lookups are timed the same three ways
+                        10 batches, independent lookups as those of a
+                        training step with 10 features (TensorFlow's cost
+                        of a function call, 0.3-0.9 ms on these VMs and
+                        the same for every variant, then falls on 10
+                        batches); the peers' lookups are timed the same
+                        three ways
   hpc_ops pull+push     tf.function: v = pull(keys); push(keys, C, lr), table
                         optimizer Adagrad (C fixed [B, D], i.e. loss = sum(v*C))
   hpc_ops tape step     tf.function: GradientTape over
@@ -65,24 +66,17 @@ PER_FUNCTION = 10  # batches per call of the "pull, 10 per function" variants
 
 
 class PerFunction:
-  """`op(keys)` on `per_call` batches in turn (each after the previous one,
-  only the last result returned) inside one tf.function, as a training
-  step runs its lookups: TensorFlow's cost of calling a function, which a
-  one-op function pays on every batch, is then shared by `per_call`
-  batches. Called with `per_call` batches; time_interleaved divides."""
+  """`op(keys)` on `per_call` batches inside one tf.function, every result
+  returned: the lookups of a training step with `per_call` features. They
+  do not depend on each other, so TensorFlow may run two at once (which
+  helps a one-thread lookup such as MutableHashTable's); TensorFlow's cost
+  of calling a function, which a one-op function pays on every batch, is
+  shared by `per_call` batches. Called with `per_call` batches;
+  time_interleaved divides."""
 
   def __init__(self, op, per_call=PER_FUNCTION):
     self.per_call = per_call
-
-    @tf.function
-    def fn(*keys):
-      out = None
-      for k in keys:
-        with tf.control_dependencies([] if out is None else [out]):
-          out = op(k)
-      return out
-
-    self.fn = fn
+    self.fn = tf.function(lambda *keys: [op(k) for k in keys])
 
   def __call__(self, *keys):
     return self.fn(*keys)
