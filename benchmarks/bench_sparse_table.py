@@ -67,12 +67,14 @@ PER_FUNCTION = 10  # batches per call of the "pull, 10 per function" variants
 
 class PerFunction:
   """`op(keys)` on `per_call` batches inside one tf.function, every result
-  returned: the lookups of a training step with `per_call` features. They
-  do not depend on each other, so TensorFlow may run two at once (which
-  helps a one-thread lookup such as MutableHashTable's); TensorFlow's cost
-  of calling a function, which a one-op function pays on every batch, is
-  shared by `per_call` batches. Called with `per_call` batches;
-  time_interleaved divides."""
+  returned: the lookups of a training step with `per_call` features. No
+  control dependencies between them: TensorFlow still runs the ops on one
+  table (a stateful resource) in program order, but may run an op that
+  only reads a resource beside them, such as the MHT path's gather from
+  its Variable beside the next lookup. TensorFlow's cost of calling a
+  function, which a one-op function pays on every batch, is shared by
+  `per_call` batches. Called with `per_call` batches; time_interleaved
+  divides."""
 
   def __init__(self, op, per_call=PER_FUNCTION):
     self.per_call = per_call
