@@ -84,10 +84,18 @@ class PerFunction:
     return self.fn(*keys)
 
 
-def _args(fn, batches, i):
-  """fn's arguments for its turn at batch i: the batch, or for a
-  PerFunction the per_call batches from i on (wrapping around)."""
-  k = getattr(fn, "per_call", 1)
+def pull_variants(op, batches):
+  """The three ways of calling a lookup `op(keys)` that are timed, for ours
+  and for every peer: one tf.function call per batch, eagerly, and
+  PER_FUNCTION (at most the batch count) lookups to a PerFunction."""
+  per_call = min(PER_FUNCTION, len(batches))
+  return {"pull": tf.function(op), "pull, eager": op,
+          "pull, %d per function" % per_call: PerFunction(op, per_call)}
+
+
+def _args(batches, i, k):
+  """The k batches from batch i on (wrapping around): a variant's
+  arguments for its turn at batch i (k = 1 but for a PerFunction)."""
   return [batches[(i + j) % len(batches)] for j in range(k)]
 
 
@@ -103,8 +111,9 @@ def time_interleaved(fns, batches, rounds, warm=2):
   call's divided by per_call."""
   names = list(fns)
   for name in names:
+    k = getattr(fns[name], "per_call", 1)
     for i in range(warm):
-      _block(fns[name](*_args(fns[name], batches, i)))
+      _block(fns[name](*_args(batches, i, k)))
   times = {name: [] for name in names}
   gc.collect()
   gc.disable()
@@ -114,7 +123,7 @@ def time_interleaved(fns, batches, rounds, warm=2):
         fn = fns[name]
         k = getattr(fn, "per_call", 1)
         for i in range(0, len(batches), max(1, k // 2)):
-          args = _args(fn, batches, i)
+          args = _args(batches, i, k)
           t0 = time.perf_counter()
           _block(fn(*args))
           times[name].append((time.perf_counter() - t0) / k)
@@ -141,8 +150,6 @@ def ours(batches, dim, lr=0.01):
     table.pull(b)
   B = int(batches[0].shape[0])
   C = tf.random.normal([B, dim], stddev=1e-3, seed=1)
-  pull_op = lambda k: table.pull(k)  # noqa: E731
-  pull = tf.function(pull_op)
 
   @tf.function
   def pull_push(k):
@@ -164,9 +171,7 @@ def ours(batches, dim, lr=0.01):
   def check():
     assert np.abs(table.pull(batches[0][:2]).numpy() - probe).max() > 0, "no update"
 
-  per_call = min(PER_FUNCTION, len(batches))
-  return {"pull": pull, "pull, eager": pull_op,
-          "pull, %d per function" % per_call: PerFunction(pull_op, per_call),
+  return {**pull_variants(lambda k: table.pull(k), batches),
           "pull+push": pull_push, "tape step": tape_step}, check
 
 
@@ -188,8 +193,6 @@ def peer(method, batches, uniq, dim, lr=0.01):
   B = int(batches[0].shape[0])
   C = tf.random.normal([B, dim], stddev=1e-3, seed=1)
   W = tf.Variable(tf.random.normal([ROWS, dim], stddev=0.01))
-  lookup_op = lambda k: tf.nn.embedding_lookup(W, index(k))  # noqa: E731
-  lookup = tf.function(lookup_op)
   opt = tf.compat.v1.train.AdagradOptimizer(lr)
 
   @tf.function
@@ -201,7 +204,7 @@ def peer(method, batches, uniq, dim, lr=0.01):
     with tf.control_dependencies([update]):
       return tf.identity(loss)
 
-  def first_rows():  # eager: no second trace of `lookup`
+  def first_rows():  # eager: no second trace of the timed "pull" function
     return tf.nn.embedding_lookup(W, index(batches[0][:2])).numpy()
 
   probe = first_rows()
@@ -209,9 +212,7 @@ def peer(method, batches, uniq, dim, lr=0.01):
   def check():
     assert np.abs(first_rows() - probe).max() > 0, "no update"
 
-  per_call = min(PER_FUNCTION, len(batches))
-  return {"pull": lookup, "pull, eager": lookup_op,
-          "pull, %d per function" % per_call: PerFunction(lookup_op, per_call),
+  return {**pull_variants(lambda k: tf.nn.embedding_lookup(W, index(k)), batches),
           "pull+push": step}, check
 
 
