@@ -18,7 +18,7 @@ whose first touches cost every variant the same fixed time per batch
                         "pull, 10 per function": a tf.function that pulls
                         10 batches, independent lookups as those of a
                         training step with 10 features (TensorFlow's cost
-                        of a function call, 0.3-0.9 ms on these VMs and
+                        of a function call, 0.3-1.1 ms on these VMs and
                         the same for every variant, then falls on 10
                         batches); the peers' lookups are timed the same
                         three ways
