@@ -405,6 +405,87 @@ class SparseTableImportOp : public OpKernel {
 };
 
 // ---------------------------------------------------------------------------
+// SparseTableExportAdmission: every shard's admission counts, read under
+// every shard's lock (one moment).
+class SparseTableExportAdmissionOp : public OpKernel {
+ public:
+  explicit SparseTableExportAdmissionOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    tensorflow::core::RefCountPtr<SparseTable> table;
+    OP_REQUIRES_OK(ctx, GetTable(ctx, "SparseTableExportAdmission", &table));
+    const int S = table->num_shards();
+    AllShardsLock lock(table.get(), /*exclusive=*/false);
+    int64_t n = 0;
+    for (int s = 0; s < S; ++s) n += static_cast<int64_t>(table->shard(s).candidates.size());
+    Tensor *keys, *counts;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({n}), &keys));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({n}), &counts));
+    int64_t* k_out = keys->flat<int64_t>().data();
+    int64_t* c_out = counts->flat<int64_t>().data();
+    int64_t i = 0;
+    for (int s = 0; s < S; ++s) {
+      table->shard(s).candidates.ForEach([&](int64_t key, uint32_t count) {
+        k_out[i] = key;
+        c_out[i] = count;
+        ++i;
+      });
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------
+// SparseTableImportAdmission: validates the counts, then replaces every
+// shard's under every shard's writer lock; keys that have a row are skipped.
+class SparseTableImportAdmissionOp : public OpKernel {
+ public:
+  explicit SparseTableImportAdmissionOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    constexpr char kOp[] = "SparseTableImportAdmission";
+    tensorflow::core::RefCountPtr<SparseTable> table;
+    OP_REQUIRES_OK(ctx, GetTable(ctx, kOp, &table));
+    const Tensor& keys = ctx->input(1);
+    const Tensor& counts = ctx->input(2);
+    OP_REQUIRES(ctx,
+                keys.dtype() == tensorflow::DT_INT64 && counts.dtype() == tensorflow::DT_INT64,
+                errors::InvalidArgument(kOp, ": expected int64 keys and counts, got ",
+                                        tensorflow::DataTypeString(keys.dtype()), " and ",
+                                        tensorflow::DataTypeString(counts.dtype())));
+    OP_REQUIRES(ctx, TensorShapeUtils::IsVector(keys.shape()),
+                errors::InvalidArgument(kOp, ": keys must be a vector, got shape ",
+                                        keys.shape().DebugString()));
+    const int64_t n = keys.dim_size(0);
+    OP_REQUIRES(ctx, TensorShapeUtils::IsVector(counts.shape()) && counts.dim_size(0) == n,
+                errors::InvalidArgument(kOp, ": counts must have shape [", n,
+                                        "] (one count per key), got ",
+                                        counts.shape().DebugString()));
+    const int64_t* k = keys.flat<int64_t>().data();
+    const int64_t* cnt = counts.flat<int64_t>().data();
+    for (int64_t i = 0; i < n; ++i) {
+      OP_REQUIRES(ctx, cnt[i] >= 1 && cnt[i] <= std::numeric_limits<uint32_t>::max(),
+                  errors::InvalidArgument(kOp, ": counts[", i, "] = ", cnt[i],
+                                          " is outside [1, 2^32-1]"));
+    }
+    std::vector<int64_t> sorted(k, k + n);
+    std::sort(sorted.begin(), sorted.end());
+    const auto dup = std::adjacent_find(sorted.begin(), sorted.end());
+    OP_REQUIRES(ctx, dup == sorted.end(),
+                errors::InvalidArgument(kOp, ": duplicate key ", dup == sorted.end() ? 0 : *dup));
+    if (table->config().admission_min_count <= 1) return;  // every key is admitted
+
+    AllShardsLock lock(table.get(), /*exclusive=*/true);
+    for (int s = 0; s < table->num_shards(); ++s) table->shard(s).candidates.Clear();
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t h = KeyHash(k[i]);
+      Shard& sh = table->shard(table->ShardOf(h));
+      if (sh.index.Find(h, k[i], sh.arena) >= 0) continue;
+      sh.candidates.Set(h, k[i], static_cast<uint32_t>(cnt[i]));
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------
 // SparseTableInitFromDense: inserts key i -> values[i] on the first run for
 // a table; later runs only validate their input and return.
 class SparseTableInitFromDenseOp : public OpKernel {
@@ -584,6 +665,8 @@ REGISTER_CPU("SparseTablePush", SparseTablePushOp<CPUDevice>);
 REGISTER_CPU("SparseTableSize", SparseTableSizeOp);
 REGISTER_CPU("SparseTableExport", SparseTableExportOp);
 REGISTER_CPU("SparseTableImport", SparseTableImportOp);
+REGISTER_CPU("SparseTableExportAdmission", SparseTableExportAdmissionOp);
+REGISTER_CPU("SparseTableImportAdmission", SparseTableImportAdmissionOp);
 REGISTER_CPU("SparseTableInitFromDense", SparseTableInitFromDenseOp);
 REGISTER_CPU("SparseTableEvict", SparseTableEvictOp);
 REGISTER_CPU("SparseTableUniqueGrads", SparseTableUniqueGradsOp);

@@ -464,6 +464,25 @@ class KeyCounter {
     --size_;
   }
 
+  // Sets the count of `key` (> 0), adding the key if it is not counted yet.
+  void Set(uint64_t hash, int64_t key, uint32_t count) {
+    if ((size_ + 1) * 4 > slots_.size() * 3) Resize(slots_.empty() ? 16 : 2 * slots_.size());
+    const uint64_t mask = slots_.size() - 1;
+    uint64_t i = hash & mask;
+    while (slots_[i].count != 0 && slots_[i].key != key) i = (i + 1) & mask;
+    if (slots_[i].count == 0) ++size_;
+    slots_[i].key = key;
+    slots_[i].count = count;
+  }
+
+  // fn(key, count) for every counted key, in slot order.
+  template <typename Fn>
+  void ForEach(Fn fn) const {
+    for (const Slot& s : slots_) {
+      if (s.count != 0) fn(s.key, s.count);
+    }
+  }
+
   void Clear() {
     std::vector<Slot>().swap(slots_);
     size_ = 0;

@@ -266,6 +266,55 @@ counters: [n, num_counters], each in [0, 2^32 - 1].
 step: The table's new step, >= 0.
 )doc");
 
+REGISTER_OP("SparseTableExportAdmission")
+    .Input("table_handle: resource")
+    .Output("keys: int64")
+    .Output("counts: int64")
+    .SetIsStateful()
+    .SetShapeFn([](InferenceContext* c) {
+      TF_RETURN_IF_ERROR(ValidateTableHandle(c, "SparseTableExportAdmission"));
+      DimensionHandle n = c->UnknownDim();
+      c->set_output(0, c->Vector(n));
+      c->set_output(1, c->Vector(n));
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+The admission counts: the keys that were pulled (inserting) but have no row
+yet, and how often each was seen. Empty for a table without admission.
+Taken under every shard's lock, so the counts are from one moment.
+
+keys: [n], distinct keys without a row.
+counts: [n], their counts, each in [1, 2^32 - 1].
+)doc");
+
+REGISTER_OP("SparseTableImportAdmission")
+    .Input("table_handle: resource")
+    .Input("keys: int64")
+    .Input("counts: int64")
+    .SetIsStateful()
+    .SetShapeFn([](InferenceContext* c) {
+      constexpr char kOp[] = "SparseTableImportAdmission";
+      TF_RETURN_IF_ERROR(ValidateTableHandle(c, kOp));
+      ShapeHandle keys, counts;
+      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 1, "keys", 1, &keys));
+      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 2, "counts", 1, &counts));
+      DimensionHandle n;
+      return Explain(c->Merge(c->Dim(keys, 0), c->Dim(counts, 0), &n), kOp,
+                     absl::StrCat("counts shape ", c->DebugString(counts),
+                                  " must have one count per key (keys shape ",
+                                  c->DebugString(keys), ")"));
+    })
+    .Doc(R"doc(
+Replaces the admission counts with the output of SparseTableExportAdmission.
+
+All-or-nothing: the input is validated before the table is touched. Keys
+that have a row by now are skipped; a table without admission ignores the
+counts. Run it after SparseTableImport, which clears the counts.
+
+keys: [n], distinct keys.
+counts: [n], each in [1, 2^32 - 1].
+)doc");
+
 REGISTER_OP("SparseTableInitFromDense")
     .Input("table_handle: resource")
     .Input("values: float")

@@ -83,6 +83,13 @@ SPARSE_TABLE_SHAPE_ERRORS = {
                                        ph(I, [])),
         ["SparseTableImport: slots shape [2,1,5] must end in values' dim "
          "(values shape [2,4])"]),
+    "import_admission_keys": (
+        lambda: st.sparse_table_import_admission(handle(), ph(I, [2, 1]), ph(I, [2])),
+        ["SparseTableImportAdmission: keys must have rank 1, got shape [2,1]"]),
+    "import_admission_counts": (
+        lambda: st.sparse_table_import_admission(handle(), ph(I, [2]), ph(I, [3])),
+        ["SparseTableImportAdmission: counts shape [3] must have one count per key "
+         "(keys shape [2])"]),
     "evict_min_frequency": (
         lambda: st.sparse_table_evict(handle(), ph(I, [2]), ph(I, [])),
         ["SparseTableEvict: min_frequency must have rank 0, got shape [2]"]),

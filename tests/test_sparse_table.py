@@ -407,6 +407,43 @@ def test_admission_needs_min_count_pulls():
   assert int(t.size()) == 2
 
 
+def admission_counts(t):
+  adm = t.export_admission()
+  return dict(zip(adm.keys.numpy().tolist(), adm.counts.numpy().tolist()))
+
+
+def test_admission_counts_export_and_import():
+  t = table(dim=2, admission_min_count=3)
+  t.pull([5, 5, 7, 9, 9, 9])  # 9 admitted on its third occurrence
+  assert admission_counts(t) == {5: 2, 7: 1}
+  assert t.export().keys.numpy().tolist() == [9]
+  u = table(dim=2, admission_min_count=3)
+  u.pull([11, 11])
+  snap = t.export()
+  u.import_(snap.keys, snap.values, snap.slots)  # clears the counts
+  assert admission_counts(u) == {}
+  u.import_admission([5, 7, 9], [2, 1, 2])  # 9 has a row: skipped
+  assert admission_counts(u) == {5: 2, 7: 1}
+  u.pull([5, 7])  # 5 admitted, 7 counted
+  assert sorted(u.export().keys.numpy().tolist()) == [5, 9]
+  assert admission_counts(u) == {7: 2}
+  # Bad input is refused before the counts are touched.
+  for keys, counts, match in [
+      ([1, 2], [1], r"counts must have shape \[2\] \(one count per key\), got \[1\]"),
+      ([1], [0], r"counts\[0\] = 0 is outside \[1, 2\^32-1\]"),
+      ([1, 2], [1, 2**32], r"counts\[1\] = 4294967296 is outside"),
+      ([4, 8, 4], [1, 1, 1], "duplicate key 4"),
+      ([[1]], [1], r"keys must be a vector, got shape \[1,1\]")]:
+    with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+      u.import_admission(keys, counts)
+  assert admission_counts(u) == {7: 2}
+  # A table without admission counts nothing and ignores imported counts.
+  v = table(dim=2)
+  v.pull([1, 1])
+  v.import_admission([2], [5])
+  assert admission_counts(v) == {}
+
+
 def test_eviction_by_frequency_and_idle_steps():
   t = table(dim=2, optimizer="adagrad", track_usage=True)
   t.pull([1, 2, 3, 4])

@@ -207,6 +207,38 @@ def test_checkpoint_manager_keeps_the_previous_checkpoint(tmp_path):
   np.testing.assert_array_equal(t3.pull([1]).numpy(), [[-2.0, -2.0]])
 
 
+def test_checkpoint_keeps_admission_counts(tmp_path):
+  def counts(t):
+    adm = t.export_admission()
+    return dict(zip(adm.keys.numpy().tolist(), adm.counts.numpy().tolist()))
+
+  t = hpc_ops.SparseTable(4, admission_min_count=3, seed=1, num_shards=8)
+  t.pull([5, 5, 7, 9, 9, 9])  # 5 seen twice, 7 once, 9 admitted
+  path = tf.train.Checkpoint(table=t).save(str(tmp_path / "ckpt"))
+  t.pull([5, 7, 7])  # after the save: 5 and 7 admitted
+  assert int(t.size()) == 3
+  tf.train.Checkpoint(table=t).restore(path).assert_consumed()
+  assert t.export().keys.numpy().tolist() == [9]
+  assert counts(t) == {5: 2, 7: 1}
+  fresh = hpc_ops.SparseTable(4, admission_min_count=3, seed=1, num_shards=2)
+  tf.train.Checkpoint(table=fresh).restore(path).assert_consumed()
+  assert counts(fresh) == {5: 2, 7: 1}
+  fresh.pull([5])  # the third occurrence, counted across the restore
+  assert sorted(fresh.export().keys.numpy().tolist()) == [5, 9]
+  # A table without admission takes the rows and has no use for the counts.
+  plain = hpc_ops.SparseTable(4, seed=1)
+  tf.train.Checkpoint(table=plain).restore(path).expect_partial()
+  assert plain.export().keys.numpy().tolist() == [9]
+  # A SavedModel restores the counts too.
+  module = tf.Module()
+  module.table = t
+  tf.saved_model.save(module, str(tmp_path / "saved"))
+  loaded = tf.saved_model.load(str(tmp_path / "saved"))
+  adm = hpc_ops.gen_sparse_table_ops.sparse_table_export_admission(
+      loaded.table.resource_handle)
+  assert dict(zip(adm.keys.numpy().tolist(), adm.counts.numpy().tolist())) == {5: 2, 7: 1}
+
+
 class _Served(tf.Module):
 
   def __init__(self, table):

@@ -5,8 +5,9 @@ holding one float32 row of `dim` elements per id, created on first pull, and
 the row's optimizer slots; `push` applies the table's own optimizer (sgd,
 adagrad, adam or ftrl) to the rows of a batch. It is a trackable:
 `tf.train.Checkpoint` saves and restores keys, values, slots and counters
-bit-exactly from one consistent snapshot, and `tf.saved_model.save` exports
-functions that pull from it.
+bit-exactly from one consistent snapshot (and the admission counts of keys
+without a row yet), and `tf.saved_model.save` exports functions that pull
+from it.
 
 `embedding_lookup(table, keys, trigger)` is the differentiable pull: its
 gradient pushes into the table (see `SparseEmbedding` in this module, the
@@ -45,6 +46,7 @@ SLOT_NAMES = {
 
 TableSnapshot = collections.namedtuple(
     "TableSnapshot", ["keys", "values", "slots", "counters", "step"])
+AdmissionCounts = collections.namedtuple("AdmissionCounts", ["keys", "counts"])
 
 _table_ids = itertools.count()
 
@@ -147,15 +149,31 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
                                    ignore_lookup_error=True)
 
   def _serialize_to_tensors(self):
-    snap = self.export()
-    return {"keys": snap.keys, "values": snap.values, "slots": snap.slots,
-            "counters": snap.counters, "step": snap.step}
+    tensors = {}
+    deps = []
+    if self._admission_min_count > 1:
+      # Counts first: a key admitted between the two reads is then in both,
+      # and the restore skips its count; read the other way round it would
+      # be in neither.
+      adm = self.export_admission()
+      tensors.update(admission_keys=adm.keys, admission_counts=adm.counts)
+      deps = [adm.keys, adm.counts]
+    with tf.control_dependencies(deps):
+      snap = self.export()
+    tensors.update(keys=snap.keys, values=snap.values, slots=snap.slots,
+                   counters=snap.counters, step=snap.step)
+    return tensors
 
   def _restore_from_tensors(self, restored_tensors):
-    return gen_sparse_table_ops.sparse_table_import(
+    restore = gen_sparse_table_ops.sparse_table_import(
         self.resource_handle, restored_tensors["keys"],
         restored_tensors["values"], restored_tensors["slots"],
         restored_tensors["counters"], restored_tensors["step"])
+    if "admission_keys" not in restored_tensors:
+      return restore  # a checkpoint without counts (or not asked for them)
+    with tf.control_dependencies([restore]):
+      return self.import_admission(restored_tensors["admission_keys"],
+                                   restored_tensors["admission_counts"])
 
   # ---- properties ----
 
@@ -243,6 +261,20 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
         tf.convert_to_tensor(slots, tf.float32),
         tf.convert_to_tensor(counters, tf.int64),
         tf.convert_to_tensor(step, tf.int64), name=name)
+
+  def export_admission(self, name=None):
+    """The admission counts, from one moment: AdmissionCounts(keys [n],
+    counts [n] int64) of the keys pulled for training that have no row yet.
+    Empty unless admission_min_count > 1."""
+    return AdmissionCounts(*gen_sparse_table_ops.sparse_table_export_admission(
+        self.resource_handle, name=name))
+
+  def import_admission(self, keys, counts, name=None):
+    """Replaces the admission counts (all-or-nothing; keys that have a row
+    are skipped). `import_` clears them, so call this after it."""
+    return gen_sparse_table_ops.sparse_table_import_admission(
+        self.resource_handle, _as_int64(keys, "keys"),
+        tf.convert_to_tensor(counts, tf.int64), name=name)
 
   def evict(self, min_frequency=0, max_idle_steps=-1, name=None):
     """Removes rows pushed fewer than min_frequency times (if > 0) or not

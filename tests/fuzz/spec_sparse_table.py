@@ -148,6 +148,29 @@ def _import_case(draw):
 
 
 @st.composite
+def _import_admission_case(draw):
+  h = draw(_handle())[0]
+  mode = draw(st.integers(0, 2))
+  n = draw(st.integers(0, 6))
+  if mode == 2:  # almost right: a count missing, out of range, or a duplicate key
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    keys = rng.choice(1000, size=n, replace=False).astype(np.int64)
+    counts = rng.integers(1, 5, size=n).astype(np.int64)
+    which = draw(st.integers(0, 2))
+    if which == 0:
+      counts = counts[1:] if n else np.ones([1], np.int64)
+    elif n and which == 1:
+      counts[0] = draw(st.sampled_from([0, -1, 2**32, 2**63 - 1]))
+    elif n > 1:
+      keys[-1] = keys[0]
+    return [h, keys, counts], ()
+  if mode == 1:  # well-formed apart from the data itself
+    return [h, draw(strategies.arrays(dtypes=[np.int64], shape=(n,))),
+            draw(strategies.arrays(dtypes=[np.int64], shape=(n,)))], ()
+  return [h, draw(strategies.arrays()), draw(strategies.arrays())], ()
+
+
+@st.composite
 def _init_from_dense_case(draw):
   h, dim, _, _ = draw(_handle())
   if draw(st.booleans()):
@@ -181,6 +204,10 @@ SPECS = [
     OpSpec("SparseTableSize", _handle_only_case(), num_outputs=1, setup=_setup),
     OpSpec("SparseTableExport", _handle_only_case(), num_outputs=5, setup=_setup),
     OpSpec("SparseTableImport", _import_case(), num_outputs=0, setup=_setup),
+    OpSpec("SparseTableExportAdmission", _handle_only_case(), num_outputs=2,
+           setup=_setup),
+    OpSpec("SparseTableImportAdmission", _import_admission_case(), num_outputs=0,
+           setup=_setup),
     OpSpec("SparseTableInitFromDense", _init_from_dense_case(), num_outputs=0,
            setup=_setup),
     OpSpec("SparseTableEvict", _evict_case(), num_outputs=1, setup=_setup),
