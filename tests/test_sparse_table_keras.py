@@ -217,6 +217,59 @@ def test_tf_checkpoint_of_a_model_restores_the_table(tmp_path):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+def test_keras_formats_keep_the_table(tmp_path):
+  def build():
+    inp = keras.Input(shape=(2,), dtype="int64")
+    emb = SparseEmbedding(4, combiner="sum", optimizer="adam",
+                          admission_min_count=3, seed=3)
+    return keras.Model(inp, keras.layers.Dense(1)(emb(inp))), emb
+
+  def state(layer):
+    s, adm = layer.table.export(), layer.table.export_admission()
+    order, adm_order = np.argsort(s.keys.numpy()), np.argsort(adm.keys.numpy())
+    return [s.keys.numpy()[order], s.values.numpy()[order], s.slots.numpy()[order],
+            s.counters.numpy()[order], s.step.numpy(),
+            adm.keys.numpy()[adm_order], adm.counts.numpy()[adm_order]]
+
+  model, emb = build()
+  model.compile(optimizer="adam", loss="mse")
+  ids = np.arange(40).reshape(20, 2)
+  model.fit(ids, np.ones((20, 1)), epochs=3, verbose=0)  # every id admitted
+  model(np.array([[100, 101], [100, 102]]), training=True)  # counted only
+  saved = state(emb)
+  assert len(saved[0]) == 40 and int(saved[4]) > 0
+  assert saved[5].tolist() == [100, 101, 102] and saved[6].tolist() == [2, 1, 1]
+  probe = np.array([[0, 1], [38, 39], [100, 500]])
+  expected = model.predict(probe, verbose=0)
+
+  model.save(str(tmp_path / "m.keras"))
+  loaded = keras.models.load_model(str(tmp_path / "m.keras"))
+  layer = [l for l in loaded.layers if isinstance(l, SparseEmbedding)][0]
+  for a, b in zip(saved, state(layer)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(loaded.predict(probe, verbose=0), expected)
+
+  model.save_weights(str(tmp_path / "w.weights.h5"))
+  other, other_emb = build()
+  other.load_weights(str(tmp_path / "w.weights.h5"))
+  for a, b in zip(saved, state(other_emb)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(other.predict(probe, verbose=0), expected)
+
+
+def test_keras_weights_without_table_contents_warn(tmp_path, monkeypatch):
+  inp = keras.Input(shape=(2,), dtype="int64")
+  model = keras.Model(inp, SparseEmbedding(4, combiner="sum")(inp))
+  model(np.array([[1, 2]]), training=True)
+  monkeypatch.setattr(SparseEmbedding, "save_own_variables",
+                      keras.layers.Layer.save_own_variables)  # the old format
+  model.save_weights(str(tmp_path / "old.weights.h5"))
+  monkeypatch.undo()
+  with pytest.warns(UserWarning, match="hold no table contents"):
+    model.load_weights(str(tmp_path / "old.weights.h5"))
+  assert int(model.layers[1].table.size()) == 2  # kept its rows
+
+
 def test_bad_layer_arguments():
   with pytest.raises(ValueError, match="combiner"):
     SparseEmbedding(4, combiner="max")

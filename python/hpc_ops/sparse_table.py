@@ -17,6 +17,7 @@ import collections
 import itertools
 import os
 import re
+import warnings
 
 import keras
 import tensorflow as tf
@@ -367,6 +368,9 @@ def embedding_lookup(table, keys, trigger, insert_missing=True,
   return _lookup(tf.convert_to_tensor(trigger))
 
 
+_TABLE_ENTRY = "table."  # SparseEmbedding's table entries in Keras's stores
+
+
 @keras.saving.register_keras_serializable(package="hpc_ops")
 class SparseEmbedding(keras.layers.Layer):
   """Embedding layer for int64 ids backed by a `SparseTable`.
@@ -385,7 +389,9 @@ class SparseEmbedding(keras.layers.Layer):
   otherwise (inference) unknown ids read their initial value.
 
   The table is tracked as `layer.table`: tf.train.Checkpoint and
-  tf.saved_model save it (the .keras format saves only Keras variables).
+  tf.saved_model save it, and Keras's own formats (`model.save` to
+  .keras, `save_weights` to .weights.h5) store its contents beside the
+  layer's weight (see save_own_variables).
 
   Args: dim, combiner, table (an existing SparseTable to use), and the
   SparseTable arguments (initializer, init_scale, seed, optimizer,
@@ -462,6 +468,31 @@ class SparseEmbedding(keras.layers.Layer):
     shape = self.compute_output_shape(inputs.shape)
     return keras.KerasTensor(shape, dtype=self.compute_dtype,
                              ragged=ragged and self.combiner is None)
+
+  def save_own_variables(self, store):
+    """Keras's formats: the layer's weight as Keras stores it ("0"), then
+    the table's checkpoint tensors (rows, slots, counters, step and any
+    admission counts, from one consistent read) as "table.<name>"."""
+    super().save_own_variables(store)
+    for name, value in self.table._serialize_to_tensors().items():
+      store[_TABLE_ENTRY + name] = value.numpy()
+
+  def load_own_variables(self, store):
+    names = list(store.keys())
+    own = {n: store[n] for n in names if not n.startswith(_TABLE_ENTRY)}
+    super().load_own_variables(own)
+    table = {n[len(_TABLE_ENTRY):]: tf.constant(store[n])
+             for n in names if n.startswith(_TABLE_ENTRY)}
+    if not table:
+      warnings.warn("SparseEmbedding %r: the saved weights hold no table "
+                    "contents (written before the layer stored them); the "
+                    "table keeps its rows" % self.name)
+      return
+    missing = {"keys", "values", "slots", "counters", "step"} - set(table)
+    if missing:
+      raise ValueError("SparseEmbedding %r: the saved table lacks %s"
+                       % (self.name, sorted(missing)))
+    self.table._restore_from_tensors(table)
 
   def get_config(self):
     config = super().get_config()
