@@ -427,15 +427,7 @@ class KeyCounter {
  public:
   // Adds one occurrence of `key` and returns its count (saturating).
   uint32_t Increment(uint64_t hash, int64_t key) {
-    if ((size_ + 1) * 4 > slots_.size() * 3) Resize(slots_.empty() ? 16 : 2 * slots_.size());
-    const uint64_t mask = slots_.size() - 1;
-    uint64_t i = hash & mask;
-    while (slots_[i].count != 0 && slots_[i].key != key) i = (i + 1) & mask;
-    Slot& s = slots_[i];
-    if (s.count == 0) {
-      s.key = key;
-      ++size_;
-    }
+    Slot& s = Claim(hash, key);
     if (s.count < std::numeric_limits<uint32_t>::max()) ++s.count;
     return s.count;
   }
@@ -465,15 +457,7 @@ class KeyCounter {
   }
 
   // Sets the count of `key` (> 0), adding the key if it is not counted yet.
-  void Set(uint64_t hash, int64_t key, uint32_t count) {
-    if ((size_ + 1) * 4 > slots_.size() * 3) Resize(slots_.empty() ? 16 : 2 * slots_.size());
-    const uint64_t mask = slots_.size() - 1;
-    uint64_t i = hash & mask;
-    while (slots_[i].count != 0 && slots_[i].key != key) i = (i + 1) & mask;
-    if (slots_[i].count == 0) ++size_;
-    slots_[i].key = key;
-    slots_[i].count = count;
-  }
+  void Set(uint64_t hash, int64_t key, uint32_t count) { Claim(hash, key).count = count; }
 
   // fn(key, count) for every counted key, in slot order.
   template <typename Fn>
@@ -497,6 +481,21 @@ class KeyCounter {
     int64_t key = 0;
     uint32_t count = 0;
   };
+
+  // The slot of `key`, taken for it (count still 0, to be set by the caller)
+  // if the key is not counted yet.
+  Slot& Claim(uint64_t hash, int64_t key) {
+    if ((size_ + 1) * 4 > slots_.size() * 3) Resize(slots_.empty() ? 16 : 2 * slots_.size());
+    const uint64_t mask = slots_.size() - 1;
+    uint64_t i = hash & mask;
+    while (slots_[i].count != 0 && slots_[i].key != key) i = (i + 1) & mask;
+    Slot& s = slots_[i];
+    if (s.count == 0) {
+      s.key = key;
+      ++size_;
+    }
+    return s;
+  }
 
   void Resize(uint64_t n) {
     std::vector<Slot> old;
