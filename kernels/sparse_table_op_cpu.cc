@@ -508,20 +508,24 @@ inline void PrefetchBytes(const void* p, int64_t bytes) {
   __builtin_prefetch(c + bytes - 1, write ? 1 : 0);
 }
 
-// The row of `key` (hash `hash`) in `sh`, or nullptr: `candidate`, the row a
-// prefetch stage found for this hash (or nullptr), when it holds the key, as
-// it almost always does; else the one the index finds.
-inline char* FindRow(const Shard& sh, uint64_t hash, int64_t key, char* candidate) {
-  if (candidate != nullptr && sparse_table::RowKey(candidate) == key) return candidate;
+// Whether `candidate`, the row a prefetch stage found for a key's hash (or
+// nullptr), is the row of `key`, as it almost always is.
+inline bool HoldsKey(const char* candidate, int64_t key) {
+  return candidate != nullptr && sparse_table::RowKey(candidate) == key;
+}
+
+// The row of `key` (hash `hash`) in `sh`, or nullptr, found through the
+// index: for the rare key whose candidate is not its row, so out of line.
+ABSL_ATTRIBUTE_NOINLINE char* FindRowSlow(const Shard& sh, uint64_t hash, int64_t key) {
   const int64_t r = sh.index.Find(hash, key, sh.arena);
   return r >= 0 ? sh.arena.Row(r) : nullptr;
 }
 
-// The row of `key` (hash `hash`) in `sh`, or nullptr, found through the
-// index: FindRow without a candidate, kept out of line for loops that check
-// their candidate themselves.
-ABSL_ATTRIBUTE_NOINLINE char* FindRowSlow(const Shard& sh, uint64_t hash, int64_t key) {
-  return FindRow(sh, hash, key, nullptr);
+// The row of `key` (hash `hash`) in `sh`, or nullptr: `candidate` when it
+// holds the key, else the one the index finds.
+inline char* FindRow(const Shard& sh, uint64_t hash, int64_t key, char* candidate) {
+  if (ABSL_PREDICT_TRUE(HoldsKey(candidate, key))) return candidate;
+  return FindRowSlow(sh, hash, key);
 }
 
 // Calls fn(i, KeyHash(e[i].key), candidate) for i in [0, k), in order,
@@ -653,7 +657,7 @@ int64_t PullPresent(SparseTable& t, const int64_t* keys, int64_t begin, int64_t 
     // and the key's hash and shard need not be read back (FindRow's
     // arguments, loaded before its check: pulls 1.01x faster without).
     const char* row = rows[i & (kPullRing - 1)];
-    if (ABSL_PREDICT_FALSE(row == nullptr || sparse_table::RowKey(row) != keys[i])) {
+    if (ABSL_PREDICT_FALSE(!HoldsKey(row, keys[i]))) {
       row = FindRowSlow(*shards[i & (kPullRing - 1)], hashes[i & (kPullRing - 1)], keys[i]);
     }
     if (row != nullptr) {

@@ -76,7 +76,7 @@ class OffCpu {
  public:
   explicit OffCpu(int cpu) {
 #if defined(__linux__)
-    if (cpu < 0 || sched_getcpu() != cpu) return;
+    if (cpu < 0 || CurrentCpu() != cpu) return;
     if (sched_getaffinity(0, sizeof(saved_), &saved_) != 0) return;
     if (!CPU_ISSET(cpu, &saved_) || CPU_COUNT(&saved_) < 2) return;
     cpu_set_t others = saved_;
