@@ -194,10 +194,59 @@ def test_get_config_round_trip():
                           optimizer_options={"l1": 0.01}, seed=9, name="emb")
   config = layer.get_config()
   clone = SparseEmbedding.from_config(config)
-  assert clone.get_config() == config
-  assert clone.table is not layer.table
+  clone_config = clone.get_config()
+  assert clone.table is not layer.table  # a new table, outside a Keras load
+  assert clone_config["table"].pop("shared_object_id") == id(clone.table)
+  assert config["table"].pop("shared_object_id") == id(layer.table)
+  assert clone_config == config
+  assert config["table"]["config"]["optimizer"] == "ftrl"
   assert clone.table.optimizer_options["l1"] == pytest.approx(0.01)
   assert clone.table.optimizer_options["l2"] == 0.0
+
+
+def test_config_with_the_table_arguments_beside_dim_loads():
+  """The form configs took before the table was nested."""
+  clone = SparseEmbedding.from_config({
+      "name": "old", "dim": 3, "combiner": "sum", "optimizer": "adam", "seed": 4,
+      "learning_rate": 0.2, "num_shards": 8})
+  config = clone.table.get_config()
+  assert (clone.dim, clone.combiner, clone.table.dim) == (3, "sum", 3)
+  assert (config["optimizer"], config["seed"], config["num_shards"]) == ("adam", 4, 8)
+  assert config["learning_rate"] == pytest.approx(0.2)
+
+
+def test_keras_format_keeps_a_shared_table(tmp_path):
+  """Two layers on one table (user and item ids in one id space) load from
+  .keras on one table again, with its rows; two loads do not share."""
+  users = keras.Input(shape=(2,), dtype="int64")
+  items = keras.Input(shape=(3,), dtype="int64")
+  user_emb = SparseEmbedding(4, combiner="sum", optimizer="adam", seed=2, name="user")
+  item_emb = SparseEmbedding(4, combiner="mean", table=user_emb.table, name="item")
+  alone = SparseEmbedding(4, combiner="sum", name="alone")
+  merged = keras.layers.Concatenate()([user_emb(users), item_emb(items), alone(users)])
+  model = keras.Model([users, items], keras.layers.Dense(1)(merged))
+  model.compile(optimizer="adam", loss="mse")
+  data = [np.arange(40).reshape(20, 2), np.arange(60).reshape(20, 3) + 30]
+  model.fit(data, np.ones((20, 1)), epochs=2, verbose=0)
+  assert int(user_emb.table.size()) == 90
+  probe = [np.array([[0, 1], [35, 89]]), np.array([[30, 31, 32], [0, 1, 500]])]
+  expected = model.predict(probe, verbose=0)
+
+  model.save(str(tmp_path / "m.keras"))
+  first = keras.models.load_model(str(tmp_path / "m.keras"))
+  second = keras.models.load_model(str(tmp_path / "m.keras"))
+  for loaded in (first, second):
+    user, item = loaded.get_layer("user"), loaded.get_layer("item")
+    assert user.table is item.table
+    assert loaded.get_layer("alone").table is not user.table
+    assert int(user.table.size()) == 90
+    np.testing.assert_array_equal(loaded.predict(probe, verbose=0), expected)
+  assert first.get_layer("user").table is not second.get_layer("user").table
+  # Training the loaded model grows one table through both layers.
+  first.fit([d + 1000 for d in data], np.ones((20, 1)), epochs=1, verbose=0)
+  assert int(first.get_layer("item").table.size()) == 180
+  assert int(first.get_layer("user").table.size()) == 180
+  assert int(second.get_layer("user").table.size()) == 90
 
 
 def test_tf_checkpoint_of_a_model_restores_the_table(tmp_path):

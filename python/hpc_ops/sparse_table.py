@@ -52,6 +52,7 @@ AdmissionCounts = collections.namedtuple("AdmissionCounts", ["keys", "counts"])
 _table_ids = itertools.count()
 
 
+@keras.saving.register_keras_serializable(package="hpc_ops")
 class SparseTable(tf.saved_model.experimental.TrackableResource):
   """A growing embedding table: int64 key -> float32[dim] row + slots.
 
@@ -306,6 +307,11 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
       config["learning_rate"] = float(self._learning_rate)
     return config
 
+  @classmethod
+  def from_config(cls, config):
+    """A new, empty table of the same configuration."""
+    return cls(**config)
+
 
 def _as_int64(keys, what):
   keys = tf.convert_to_tensor(keys)
@@ -495,19 +501,23 @@ class SparseEmbedding(keras.layers.Layer):
     self.table._restore_from_tensors(table)
 
   def get_config(self):
+    """The layer's arguments, with the table as a nested config that names
+    the table's identity (Keras's `shared_object_id`): `keras.models.
+    load_model` then gives layers that shared a table one table again,
+    while `from_config` outside a load builds a new one."""
     config = super().get_config()
-    table_config = self.table.get_config()
-    config.update({
-        "dim": self.dim, "combiner": self.combiner,
-        "initializer": table_config["initializer"],
-        "init_scale": table_config["init_scale"],
-        "seed": table_config["seed"],
-        "optimizer": table_config["optimizer"],
-        "optimizer_options": table_config["optimizer_options"],
-        "num_shards": table_config["num_shards"],
-        "admission_min_count": table_config["admission_min_count"],
-        "track_usage": table_config["track_usage"],
-    })
-    if "learning_rate" in table_config:
-      config["learning_rate"] = table_config["learning_rate"]
+    table = keras.saving.serialize_keras_object(self.table)
+    # Keras marks an object seen twice in one save only in the copy it
+    # keeps of the second config, so the identity is written here.
+    table["shared_object_id"] = id(self.table)
+    config.update({"dim": self.dim, "combiner": self.combiner, "table": table})
     return config
+
+  @classmethod
+  def from_config(cls, config):
+    """Builds the layer on the table its config describes; configs written
+    before the table was nested (its arguments beside dim) still load."""
+    config = dict(config)
+    if "table" in config:
+      config["table"] = keras.saving.deserialize_keras_object(config["table"])
+    return cls(**config)
