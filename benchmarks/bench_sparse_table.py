@@ -42,6 +42,7 @@ key + row + slot (8 + 4*D*2 bytes).
   python benchmarks/bench_sparse_table.py --quick    # N 1e6, D 16, 8 batches, 2 rounds
 """
 import argparse
+import functools
 import gc
 import os
 import subprocess
@@ -65,6 +66,10 @@ ROWS = 1 << 20  # the peers' fixed Variable
 PER_FUNCTION = 10  # batches per call of the "pull, 10 per function" variants
 
 
+def _each(op, *keys):
+  return [op(k) for k in keys]
+
+
 class PerFunction:
   """`op(keys)` on `per_call` batches inside one tf.function, every result
   returned: the lookups of a training step with `per_call` features. No
@@ -78,7 +83,9 @@ class PerFunction:
 
   def __init__(self, op, per_call=PER_FUNCTION):
     self.per_call = per_call
-    self.fn = tf.function(lambda *keys: [op(k) for k in keys])
+    # A partial, not a lambda: TensorFlow counts traces per code object, and
+    # one trace for each table and width would read as retracing.
+    self.fn = tf.function(functools.partial(_each, op))
 
   def __call__(self, *keys):
     return self.fn(*keys)
