@@ -91,6 +91,102 @@ def test_tape_gradient_pushes_exactly(mode):
   assert float(layer.push_trigger.numpy()) == 0.0
 
 
+@pytest.mark.parametrize("mode", ["eager", "function"])
+@pytest.mark.parametrize("scale", [1.0, 1024.0, 3.0])
+def test_loss_scaling_pushes_the_unscaled_gradient(mode, scale):
+  """A loss that includes layer.losses (the layer's zero probe) and is then
+  scaled, as a loss-scale optimizer does: the push applies the gradient of
+  the unscaled loss (exactly for a power of two)."""
+  layer = SparseEmbedding(3, optimizer="sgd", learning_rate=0.5, initializer="zeros")
+  ids = tf.constant([[1, 2], [2, 2]], tf.int64)
+  C = tf.constant(np.arange(12, dtype=np.float32).reshape(2, 2, 3))
+
+  def step():
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(layer(ids, training=True) * C) + tf.add_n(layer.losses)
+      scaled = loss * scale
+    return tape.gradient(scaled, layer.trainable_variables), loss
+
+  (grad,), loss = step() if mode == "eager" else tf.function(step)()
+  assert float(grad) == 0.0 and len(layer.losses) == 1
+  c = C.numpy()
+  assert float(loss) == pytest.approx(float(np.sum(0 * c)))  # the probe adds 0
+  rtol = 0 if scale != 3.0 else 1e-6
+  np.testing.assert_allclose(rows(layer, [1]), [-0.5 * c[0, 0]], rtol=rtol)
+  np.testing.assert_allclose(rows(layer, [2]), [-0.5 * (c[0, 1] + c[1, 0] + c[1, 1])],
+                             rtol=rtol)
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_loss_scaling_skips_a_push_that_overflowed(mode):
+  """Under a loss scale, a gradient that is not finite is not pushed and
+  the trigger's gradient is NaN (a loss-scale optimizer then skips the step
+  and lowers its scale); without scaling it is pushed as before."""
+  layer = SparseEmbedding(2, optimizer="sgd", learning_rate=0.5, initializer="zeros")
+  ids = tf.constant([[1, 2]], tf.int64)
+  C = tf.constant([[[1.0, 1.0], [np.inf, 1.0]]])
+  layer(ids, training=True)  # rows exist
+
+  def step(scale):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(layer(ids, training=True) * C) + tf.add_n(layer.losses)
+      scaled = loss * scale
+    return tape.gradient(scaled, layer.trainable_variables)[0]
+
+  step = step if mode == "eager" else tf.function(step)
+  assert np.isnan(float(step(tf.constant(256.0))))
+  np.testing.assert_array_equal(rows(layer, [1, 2]), np.zeros((2, 2)))
+  assert int(layer.table.export().step) == 0
+  assert float(step(tf.constant(1.0))) == 0.0  # unscaled: pushed as it is
+  assert rows(layer, [1])[0].tolist() == [-0.5, -0.5]
+  assert int(layer.table.export().step) == 1
+
+
+@pytest.fixture
+def mixed_float16():
+  keras.mixed_precision.set_global_policy("mixed_float16")
+  yield
+  keras.mixed_precision.set_global_policy("float32")
+
+
+def test_model_fit_with_mixed_float16_and_loss_scaling(mixed_float16):
+  """model.fit under mixed_float16 (Keras wraps the optimizer in a
+  LossScaleOptimizer): the table gets the unscaled gradients (its rows match
+  a float32 run's), and with a scale so large that the first steps overflow
+  in float16, those steps push nothing and the scale comes down."""
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 50, size=(256, 3)).astype(np.int64)
+  y = (ids.sum(axis=1, keepdims=True) % 7 / 7.0).astype(np.float32)
+
+  def fit(optimizer):
+    keras.utils.set_random_seed(1)
+    inp = keras.Input(shape=(3,), dtype="int64")
+    emb = SparseEmbedding(4, combiner="sum", optimizer="sgd", learning_rate=0.2)
+    model = keras.Model(inp, keras.layers.Dense(1, dtype="float32")(emb(inp)))
+    model.compile(optimizer=optimizer, loss="mse")
+    history = model.fit(ids, y, batch_size=32, epochs=3, verbose=0, shuffle=False)
+    return model, emb, history.history["loss"]
+
+  model, emb, losses = fit(keras.optimizers.SGD(0.05))
+  assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+  mixed_rows = rows(emb, np.arange(50))
+  keras.mixed_precision.set_global_policy("float32")
+  _, emb32, _ = fit(keras.optimizers.SGD(0.05))
+  np.testing.assert_allclose(mixed_rows, rows(emb32, np.arange(50)), atol=2e-3)
+
+  keras.mixed_precision.set_global_policy("mixed_float16")
+  optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05),
+                                                  initial_scale=2.0 ** 28)
+  model, emb, losses = fit(optimizer)
+  assert all(np.isfinite(losses))
+  assert np.isfinite(rows(emb, np.arange(50))).all()
+  # 24 steps; each one skipped for overflow halved the scale and pushed nothing.
+  skipped = int(np.log2(2.0 ** 28 / float(optimizer.dynamic_scale.numpy())))
+  assert skipped > 0
+  assert int(emb.table.export().step) == 24 - skipped
+
+
 def test_embedding_lookup_with_gather_downstream_pushes_indexed_slices():
   t = hpc_ops.SparseTable(2, optimizer="sgd", learning_rate=1.0, initializer="zeros")
   trigger = tf.Variable(0.0)

@@ -344,34 +344,86 @@ def embedding_lookup(table, keys, trigger, insert_missing=True,
   table.push_transform when set) and `trigger` gets a zero gradient. Each
   gradient computation pushes once.
   """
+  return _lookup(table, keys, trigger, insert_missing, learning_rate,
+                 with_probe=False)
+
+
+def _lookup(table, keys, trigger, insert_missing, learning_rate, with_probe):
+  """embedding_lookup; with_probe=True returns (rows, probe) instead.
+
+  The probe is a float32 zero meant to be added to the loss (SparseEmbedding
+  does it with add_loss). Its gradient is then the factor between what the
+  tape differentiates and the loss: a loss-scale optimizer's scale, 1 without
+  one, 0 when the probe is not in the loss. The push divides the rows'
+  gradient by a factor other than 0 and 1; such a push is skipped when that
+  gradient (after push_transform, so all workers agree) is not finite, and
+  the trigger's gradient is then NaN, so that the loss-scale optimizer skips
+  the step and lowers its scale as it does for the dense weights.
+  """
   keys = _as_int64(keys, "keys")
   dim = table.dim
 
+  def transformed(push_keys, push_grads):
+    if table.push_transform is not None:
+      push_keys, push_grads = unique_grads(push_keys, push_grads)
+      push_keys, push_grads = table.push_transform(push_keys, push_grads)
+    return push_keys, push_grads
+
+  def flat_grads(dy):
+    if isinstance(dy, tf.IndexedSlices):
+      push_keys = tf.gather(keys, dy.indices)
+      push_grads = dy.values
+    else:
+      push_keys, push_grads = keys, dy
+    return (tf.reshape(push_keys, [-1]),
+            tf.reshape(tf.cast(push_grads, tf.float32), [-1, dim]))
+
+  def zero_like_trigger(step, trigger_value):
+    # The trigger's zero gradient must depend on the push by data: a
+    # constant zero (even with a control dependency) lets Grappler fold
+    # the trigger's update away and prune the push (seen with Keras Adam
+    # in model.fit). The step is >= 1, Grappler cannot know it.
+    return tf.cast(tf.minimum(step, 0), trigger_value.dtype)
+
   @tf.custom_gradient
-  def _lookup(trigger_value):
+  def _rows(trigger_value):
     values = table.pull(keys, insert_missing=insert_missing)
 
     def grad(dy):
-      if isinstance(dy, tf.IndexedSlices):
-        push_keys = tf.gather(keys, dy.indices)
-        push_grads = dy.values
-      else:
-        push_keys, push_grads = keys, dy
-      push_keys = tf.reshape(push_keys, [-1])
-      push_grads = tf.reshape(tf.cast(push_grads, tf.float32), [-1, dim])
-      if table.push_transform is not None:
-        push_keys, push_grads = unique_grads(push_keys, push_grads)
-        push_keys, push_grads = table.push_transform(push_keys, push_grads)
-      step = table.push(push_keys, push_grads, learning_rate)
-      # The trigger's zero gradient must depend on the push by data: a
-      # constant zero (even with a control dependency) lets Grappler fold
-      # the trigger's update away and prune the push (seen with Keras Adam
-      # in model.fit). The step is >= 1, Grappler cannot know it.
-      return tf.cast(tf.minimum(step, 0), trigger_value.dtype)
+      step = table.push(*transformed(*flat_grads(dy)), learning_rate)
+      return zero_like_trigger(step, trigger_value)
 
     return values, grad
 
-  return _lookup(tf.convert_to_tensor(trigger))
+  @tf.custom_gradient
+  def _rows_and_probe(trigger_value):
+    values = table.pull(keys, insert_missing=insert_missing)
+
+    def grad(dy, dprobe):
+      push_keys, push_grads = flat_grads(dy)
+      scale = tf.cast(dprobe, tf.float32)
+
+      def as_is():
+        step = table.push(*transformed(push_keys, push_grads), learning_rate)
+        return step, tf.zeros([], tf.float32)
+
+      def unscaled():
+        k, g = transformed(push_keys, push_grads / scale)
+        finite = tf.reduce_all(tf.math.is_finite(g))
+        step = tf.cond(finite, lambda: table.push(k, g, learning_rate),
+                       lambda: tf.ones([], tf.int64))
+        return step, tf.where(finite, 0.0, float("nan"))
+
+      step, nan_if_skipped = tf.cond(
+          tf.logical_or(tf.equal(scale, 0.0), tf.equal(scale, 1.0)),
+          as_is, unscaled)
+      return zero_like_trigger(step, trigger_value) + tf.cast(
+          nan_if_skipped, trigger_value.dtype)
+
+    return (values, tf.zeros([], tf.float32)), grad
+
+  trigger = tf.convert_to_tensor(trigger)
+  return _rows_and_probe(trigger) if with_probe else _rows(trigger)
 
 
 _TABLE_ENTRY = "table."  # SparseEmbedding's table entries in Keras's stores
@@ -393,6 +445,14 @@ class SparseEmbedding(keras.layers.Layer):
   gradient of the rows is pushed into the table with the table's own
   optimizer and learning rate. Pulls insert new ids when training is true;
   otherwise (inference) unknown ids read their initial value.
+
+  Loss scaling (mixed_float16, where Keras wraps the optimizer in a
+  LossScaleOptimizer): a training call adds a zero to the layer's losses
+  (`add_loss`), whose gradient tells the push the loss scale; the push
+  applies the gradient of the unscaled loss and skips a step whose
+  gradient overflowed, as the optimizer does for the dense weights. A
+  custom loop that scales its loss must add `model.losses` before scaling,
+  as Keras's own training step does.
 
   The table is tracked as `layer.table`: tf.train.Checkpoint and
   tf.saved_model save it, and Keras's own formats (`model.save` to
@@ -436,8 +496,16 @@ class SparseEmbedding(keras.layers.Layer):
     self.built = True
 
   def _rows(self, ids, training):
-    return embedding_lookup(self.table, ids, self.push_trigger,
-                            insert_missing=bool(training))
+    if not training:
+      return embedding_lookup(self.table, ids, self.push_trigger,
+                              insert_missing=False)
+    # The probe joins the loss through add_loss (a zero), so that the push
+    # learns a loss-scale optimizer's scale (see _lookup).
+    rows, probe = _lookup(self.table, ids, self.push_trigger,
+                          insert_missing=True, learning_rate=None,
+                          with_probe=True)
+    self.add_loss(probe)
+    return rows
 
   def call(self, inputs, training=None):
     if isinstance(inputs, tf.SparseTensor):
