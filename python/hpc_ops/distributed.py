@@ -289,6 +289,14 @@ def DistributedOptimizer(optimizer, op="average",  # noqa: N802 (Horovod name)
   initial weights (BroadcastGlobalVariablesCallback) every process applies
   bit-identical averaged gradients, so the weights stay identical. Compile
   the model with jit_compile=False: XLA cannot compile the MPI ops.
+
+  Under the mixed_float16 dtype policy the optimizer is first wrapped in a
+  keras.optimizers.LossScaleOptimizer, which is returned: its check for
+  gradients that overflowed then sees the combined gradients, so every
+  process skips the same steps. (Keras's compile would otherwise wrap the
+  optimizer itself, around the combining, and a process whose own
+  gradients overflowed would skip a step the others combine.) A
+  LossScaleOptimizer passed in is used as it is, for the same reason.
   """
   import keras
   if not isinstance(optimizer, keras.optimizers.Optimizer):
@@ -297,6 +305,9 @@ def DistributedOptimizer(optimizer, op="average",  # noqa: N802 (Horovod name)
   if op not in ("sum", "average"):
     raise ValueError("hpc_ops: DistributedOptimizer op must be 'sum' or "
                      "'average', got %r" % op)
+  if (keras.config.dtype_policy().name == "mixed_float16" and
+      not isinstance(optimizer, keras.optimizers.LossScaleOptimizer)):
+    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
   base = type(optimizer)
   if not getattr(base, "_hpc_ops_distributed", False):
     if base not in _distributed_classes:

@@ -608,6 +608,39 @@ def check_keras_fit(run_eagerly):
       [v.reshape(-1) for v in root_init])), "training did not move"
 
 
+def check_keras_fit_mixed_float16():
+  """Under mixed_float16 Keras checks the gradients for overflow (a loss-scale
+  optimizer) and skips the steps that overflowed. Rank 0's targets are large
+  enough that its float16 gradients overflow while rank 1's do not: the
+  check must see the combined gradients, so that every rank skips the same
+  steps and the weights stay identical."""
+  import keras  # noqa: PLC0415
+  keras.mixed_precision.set_global_policy("mixed_float16")
+  try:
+    keras.utils.set_random_seed(5)  # the same start on every rank
+    model = keras.Sequential([keras.Input((5,)),
+                              keras.layers.Dense(8, activation="tanh"),
+                              keras.layers.Dense(1, dtype="float32")])
+    start = np.concatenate([v.reshape(-1) for v in model.get_weights()])
+    optimizer = hd.DistributedOptimizer(keras.optimizers.SGD(0.001))
+    model.compile(optimizer=optimizer, loss="mse", jit_compile=False)
+    assert model.optimizer is optimizer, type(model.optimizer)
+    data = np.random.default_rng(9)
+    x = data.normal(size=(16, 5)).astype(np.float32)
+    y = data.normal(size=(16, 1)).astype(np.float32) * (300.0 if R == 0 else 1.0)
+    model.fit(x, y, batch_size=16, epochs=10, shuffle=False, verbose=0)
+    scale = float(optimizer.dynamic_scale.numpy())
+    flat = np.concatenate([v.reshape(-1) for v in model.get_weights()])
+    everyone = hd.allgather(tf.constant(np.append(flat, scale)[None]),
+                            name="fit.mixed.final").numpy()
+    for q in range(P):  # the same steps skipped, the same weights everywhere
+      np.testing.assert_array_equal(everyone[q], np.append(flat, scale))
+    assert scale < 2.0 ** 15, scale  # rank 0's overflow lowered the scale
+    assert np.isfinite(flat).all() and not np.array_equal(flat, start)
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
+
+
 def main():
   checks = Checks()
   checks.run("process_info", check_process_info)
@@ -632,6 +665,7 @@ def main():
     checks.run("gradient_tape", check_gradient_tape)
     checks.run("keras_fit", check_keras_fit, False)
     checks.run("keras_fit_eager", check_keras_fit, True)
+    checks.run("keras_fit_mixed_float16", check_keras_fit_mixed_float16)
   checks.finish()
 
 
