@@ -390,7 +390,8 @@ CHECKS = ["process_info"] + [
     "large", "nan_propagates", "broadcast", "allgather", "out_of_order",
     "concurrent_functions", "fusion", "grouped_allreduce", "mismatch_errors", "bad_inputs", "gradients"]
 TRAINING_CHECKS = ["broadcast_variables", "gradient_tape", "keras_fit",
-                   "keras_fit_eager", "keras_fit_mixed_float16"]
+                   "keras_fit_eager", "keras_fit_mixed_float16",
+                   "keras_fit_mixed_float16_table"]
 # Generous fusion window: the fusion check must not depend on how busy the
 # machine is.
 CHECK_ENV = {"HPC_OPS_CYCLE_TIME_MS": "50", "HPC_OPS_TIMEOUT_SECONDS": "60"}

@@ -641,6 +641,53 @@ def check_keras_fit_mixed_float16():
     keras.mixed_precision.set_global_policy("float32")
 
 
+def check_keras_fit_mixed_float16_table():
+  """The same with a SparseEmbedding whose pushes are allgathered (a table
+  replicated on every rank, as examples/ctr_train.py does): the push learns
+  the loss scale, skips the steps that overflowed on any rank together with
+  the optimizer, and the replicas stay bit-identical."""
+  import keras  # noqa: PLC0415
+
+  from hpc_ops.layers import SparseEmbedding  # noqa: PLC0415
+
+  def replicated(keys, grads):
+    return (hd.allgather(keys, name="fit.mixed.keys"),
+            hd.allgather(grads / float(P), name="fit.mixed.grads"))
+
+  keras.mixed_precision.set_global_policy("mixed_float16")
+  try:
+    keras.utils.set_random_seed(6)
+    inp = keras.Input((3,), dtype="int64")
+    emb = SparseEmbedding(4, combiner="sum", optimizer="adagrad",
+                          learning_rate=0.05, push_transform=replicated)
+    model = keras.Model(inp, keras.layers.Dense(1, dtype="float32")(emb(inp)))
+    optimizer = hd.DistributedOptimizer(keras.optimizers.SGD(0.001))
+    model.compile(optimizer=optimizer, loss="mse", jit_compile=False)
+    data = np.random.default_rng(10 + R)  # each rank its own ids
+    ids = data.integers(0, 40, size=(16, 3)).astype(np.int64)
+    y = data.normal(size=(16, 1)).astype(np.float32) * (300.0 if R == 0 else 1.0)
+    model.fit(ids, y, batch_size=16, epochs=10, shuffle=False, verbose=0)
+    snap = emb.table.export()
+    order = np.argsort(snap.keys.numpy())
+    state = np.concatenate([
+        snap.keys.numpy()[order].astype(np.float64),
+        snap.values.numpy()[order].reshape(-1).astype(np.float64),
+        snap.slots.numpy()[order].reshape(-1).astype(np.float64),
+        [float(snap.step.numpy()), float(optimizer.dynamic_scale.numpy())]])
+    sizes = hd.allgather(tf.constant([state.size]), name="fit.mixed.n").numpy()
+    assert (sizes == state.size).all(), sizes
+    everyone = hd.allgather(tf.constant(state[None]),
+                            name="fit.mixed.table").numpy()
+    for q in range(P):  # the same rows, slots, pushes and scale everywhere
+      np.testing.assert_array_equal(everyone[q], state)
+    steps, scale = int(snap.step.numpy()), float(optimizer.dynamic_scale.numpy())
+    skipped = int(np.log2(2.0 ** 15 / scale))
+    assert skipped > 0 and steps == 10 - skipped, (steps, scale)
+    assert np.isfinite(snap.values.numpy()).all()
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
+
+
 def main():
   checks = Checks()
   checks.run("process_info", check_process_info)
@@ -666,6 +713,8 @@ def main():
     checks.run("keras_fit", check_keras_fit, False)
     checks.run("keras_fit_eager", check_keras_fit, True)
     checks.run("keras_fit_mixed_float16", check_keras_fit_mixed_float16)
+    checks.run("keras_fit_mixed_float16_table",
+               check_keras_fit_mixed_float16_table)
   checks.finish()
 
 
