@@ -92,11 +92,13 @@ def test_tape_gradient_pushes_exactly(mode):
 
 
 @pytest.mark.parametrize("mode", ["eager", "function"])
-@pytest.mark.parametrize("scale", [1.0, 1024.0, 3.0])
+@pytest.mark.parametrize("scale", [1.0, 1024.0, 3.0, 0.25])
 def test_loss_scaling_pushes_the_unscaled_gradient(mode, scale):
   """A loss that includes layer.losses (the layer's zero probe) and is then
-  scaled, as a loss-scale optimizer does: the push applies the gradient of
-  the unscaled loss (exactly for a power of two)."""
+  scaled up, as a loss-scale optimizer does: the push applies the gradient
+  of the unscaled loss (exactly for a power of two). A loss scaled down
+  (0.25: divided for gradient accumulation, say) is pushed as it is, as the
+  dense weights get it."""
   layer = SparseEmbedding(3, optimizer="sgd", learning_rate=0.5, initializer="zeros")
   ids = tf.constant([[1, 2], [2, 2]], tf.int64)
   C = tf.constant(np.arange(12, dtype=np.float32).reshape(2, 2, 3))
@@ -109,12 +111,55 @@ def test_loss_scaling_pushes_the_unscaled_gradient(mode, scale):
 
   (grad,), loss = step() if mode == "eager" else tf.function(step)()
   assert float(grad) == 0.0 and len(layer.losses) == 1
-  c = C.numpy()
-  assert float(loss) == pytest.approx(float(np.sum(0 * c)))  # the probe adds 0
+  c = C.numpy() * min(scale, 1.0)
+  assert float(loss) == 0.0  # zero rows; the probe adds 0
   rtol = 0 if scale != 3.0 else 1e-6
   np.testing.assert_allclose(rows(layer, [1]), [-0.5 * c[0, 0]], rtol=rtol)
   np.testing.assert_allclose(rows(layer, [2]), [-0.5 * (c[0, 1] + c[1, 0] + c[1, 1])],
                              rtol=rtol)
+
+
+def test_mirrored_strategy_replicas_push_the_batch_gradient(fresh_python):
+  """Two replicas of a tf.distribute.MirroredStrategy (two logical CPUs),
+  each pushing its half of the batch into the one table: together the
+  full batch's update, as with one replica (a loss linear in the rows, so
+  the order of the replicas' pulls and pushes does not matter), in float32
+  and under mixed_float16."""
+  out = fresh_python("""
+      import numpy as np, tensorflow as tf
+      cpu = tf.config.list_physical_devices("CPU")[0]
+      tf.config.set_logical_device_configuration(
+          cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+      import keras
+      from hpc_ops.layers import SparseEmbedding
+      rng = np.random.default_rng(0)
+      ids = rng.integers(0, 20, size=(64, 3)).astype(np.int64)
+      weight = rng.normal(size=(64, 1)).astype(np.float32)
+
+      def run(strategy, policy):
+        keras.mixed_precision.set_global_policy(policy)
+        with strategy.scope():
+          inp = keras.Input((3,), dtype="int64")
+          emb = SparseEmbedding(4, combiner="sum", optimizer="sgd",
+                                learning_rate=0.5, initializer="zeros")
+          out = keras.layers.Dense(1, kernel_initializer="ones", use_bias=False,
+                                   dtype="float32")(emb(inp))
+          model = keras.Model(inp, out)
+          model.compile(optimizer=keras.optimizers.SGD(0.0),
+                        loss=lambda w, p: p * w)  # linear in the rows
+        model.fit(ids, weight, batch_size=64, epochs=1, verbose=0, shuffle=False)
+        assert model.distribute_strategy.num_replicas_in_sync == strategy.num_replicas_in_sync
+        return emb.table.pull(np.arange(20), insert_missing=False).numpy()
+
+      two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+      for policy in ("float32", "mixed_float16"):
+        one_rows = run(tf.distribute.get_strategy(), policy)
+        two_rows = run(two, policy)
+        assert np.abs(one_rows).max() > 0.01
+        np.testing.assert_allclose(two_rows, one_rows, rtol=1e-3, atol=1e-6)
+      print("ok")
+  """)
+  assert out.stdout.strip().endswith("ok")
 
 
 @pytest.mark.parametrize("mode", ["eager", "function"])

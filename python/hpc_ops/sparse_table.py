@@ -354,11 +354,13 @@ def _lookup(table, keys, trigger, insert_missing, learning_rate, with_probe):
   The probe is a float32 zero meant to be added to the loss (SparseEmbedding
   does it with add_loss). Its gradient is then the factor between what the
   tape differentiates and the loss: a loss-scale optimizer's scale, 1 without
-  one, 0 when the probe is not in the loss. The push divides the rows'
-  gradient by a factor other than 0 and 1; such a push is skipped when that
-  gradient (after push_transform, so all workers agree) is not finite, and
-  the trigger's gradient is then NaN, so that the loss-scale optimizer skips
-  the step and lowers its scale as it does for the dense weights.
+  one, 0 when the probe is not in the loss. A factor above 1 is taken for a
+  loss scale: the push divides the rows' gradient by it, and skips the push
+  when that gradient (after push_transform, so all workers agree) is not
+  finite, giving the trigger a NaN gradient, so that the loss-scale
+  optimizer skips the step and lowers its scale as it does for the dense
+  weights. A factor of 1 or less (a loss divided for gradient accumulation,
+  say) pushes the gradient as it is, like the dense weights get it.
   """
   keys = _as_int64(keys, "keys")
   dim = table.dim
@@ -414,9 +416,7 @@ def _lookup(table, keys, trigger, insert_missing, learning_rate, with_probe):
                        lambda: tf.ones([], tf.int64))
         return step, tf.where(finite, 0.0, float("nan"))
 
-      step, nan_if_skipped = tf.cond(
-          tf.logical_or(tf.equal(scale, 0.0), tf.equal(scale, 1.0)),
-          as_is, unscaled)
+      step, nan_if_skipped = tf.cond(scale > 1.0, unscaled, as_is)
       return zero_like_trigger(step, trigger_value) + tf.cast(
           nan_if_skipped, trigger_value.dtype)
 
@@ -500,11 +500,14 @@ class SparseEmbedding(keras.layers.Layer):
       return embedding_lookup(self.table, ids, self.push_trigger,
                               insert_missing=False)
     # The probe joins the loss through add_loss (a zero), so that the push
-    # learns a loss-scale optimizer's scale (see _lookup).
+    # learns a loss-scale optimizer's scale (see _lookup). Keras (like
+    # tf.nn.scale_regularization_loss) divides added losses by the number
+    # of replicas of a tf.distribute strategy: multiplied back here.
     rows, probe = _lookup(self.table, ids, self.push_trigger,
                           insert_missing=True, learning_rate=None,
                           with_probe=True)
-    self.add_loss(probe)
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    self.add_loss(probe * float(replicas) if replicas > 1 else probe)
     return rows
 
   def call(self, inputs, training=None):
