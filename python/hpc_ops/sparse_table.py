@@ -514,6 +514,7 @@ class SparseEmbedding(keras.layers.Layer):
     if isinstance(inputs, tf.SparseTensor):
       inputs = tf.RaggedTensor.from_sparse(inputs)
     if isinstance(inputs, tf.RaggedTensor):
+      self._check_ids_dtype(inputs.flat_values.dtype)
       ids = tf.cast(inputs.flat_values, tf.int64)
       emb = inputs.with_flat_values(self._rows(ids, training))
       if self.combiner is None:
@@ -523,7 +524,9 @@ class SparseEmbedding(keras.layers.Layer):
         count = tf.reduce_sum(tf.ones_like(inputs, tf.float32), axis=-1)
         total = total / tf.maximum(count, 1.0)[..., tf.newaxis]
       return tf.cast(total, self.compute_dtype)
-    ids = tf.cast(tf.convert_to_tensor(inputs), tf.int64)
+    ids = tf.convert_to_tensor(inputs)
+    self._check_ids_dtype(ids.dtype)
+    ids = tf.cast(ids, tf.int64)
     if self.combiner is not None and ids.shape.rank == 1:
       ids = ids[:, tf.newaxis]
     emb = self._rows(ids, training)
@@ -539,7 +542,19 @@ class SparseEmbedding(keras.layers.Layer):
       shape = shape[:-1]
     return shape + (self.dim,)
 
+  def _check_ids_dtype(self, dtype):
+    """Ids must arrive as integers: a float tensor cannot hold every int64
+    id (float32 is exact only below 2^24), so casting one back would merge
+    and change ids without a word."""
+    if tf.as_dtype(dtype) not in (tf.int64, tf.int32):
+      raise TypeError(
+          "SparseEmbedding %r: ids must be int64 or int32, got %s (a float "
+          "input cannot hold every int64 id; build the model's input with "
+          "keras.Input(..., dtype=\"int64\"))"
+          % (self.name, tf.as_dtype(dtype).name))
+
   def compute_output_spec(self, inputs, training=None):
+    self._check_ids_dtype(inputs.dtype)
     ragged = bool(getattr(inputs, "ragged", False)) or bool(
         getattr(inputs, "sparse", False))
     shape = self.compute_output_shape(inputs.shape)
