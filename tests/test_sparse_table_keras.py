@@ -463,8 +463,9 @@ def test_keras_weights_without_table_contents_warn(tmp_path, monkeypatch):
 def test_float_ids_are_refused():
   """A float input would merge large int64 ids silently (float32 holds
   integers exactly only below 2^24): refused when the model is built and
-  when the layer is called, for dense, ragged and sparse ids."""
-  with pytest.raises(TypeError, match=r"ids must be int64 or int32, got float32.*"
+  when the layer is called, for dense, ragged and sparse ids. Every integer
+  type is taken (its cast to int64 keeps ids apart)."""
+  with pytest.raises(TypeError, match=r"ids must be integers, got float32.*"
                                       r"dtype=\"int64\""):
     inp = keras.Input(shape=(2,))  # dtype left at float32
     SparseEmbedding(4, combiner="sum")(inp)
@@ -472,12 +473,14 @@ def test_float_ids_are_refused():
   for ids in (tf.constant([[1.0, 2.0]]),
               tf.ragged.constant([[1.0], [2.0, 3.0]]),
               tf.sparse.from_dense(tf.constant([[1.0, 0.0]], tf.float64))):
-    with pytest.raises(TypeError, match="ids must be int64 or int32"):
+    with pytest.raises(TypeError, match="ids must be integers, got float"):
       layer(ids, training=True)
   assert int(layer.table.size()) == 0
-  for ids in (np.array([[1, 2]], np.int32), tf.ragged.constant([[1], [2, 3]])):
+  for ids in (np.array([[1, 2]], np.int32), tf.ragged.constant([[1], [2, 3]]),
+              np.array([[4, 5]], np.int16), np.array([[2**64 - 1, 0]], np.uint64)):
     layer(ids, training=True)
-  assert int(layer.table.size()) == 3
+  keys = sorted(layer.table.export().keys.numpy().tolist())
+  assert keys == [-1, 0, 1, 2, 3, 4, 5]  # uint64 ids keep their bits
 
 
 def test_bad_layer_arguments():

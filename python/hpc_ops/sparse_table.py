@@ -433,11 +433,12 @@ _TABLE_ENTRY = "table."  # SparseEmbedding's table entries in Keras's stores
 class SparseEmbedding(keras.layers.Layer):
   """Embedding layer for int64 ids backed by a `SparseTable`.
 
-  Inputs: int64 (or int32) ids as a dense tensor, a tf.RaggedTensor or a
-  rank-2 tf.SparseTensor. combiner=None returns one row per id (dense:
-  ids.shape + [dim]; ragged and sparse: a RaggedTensor [batch, None, dim]);
-  "sum" or "mean" combine the ids of the last axis (of each row for ragged
-  and sparse inputs; an empty row gives zeros): [batch, dim].
+  Inputs: int64 (or other integer; not float) ids as a dense tensor, a
+  tf.RaggedTensor or a rank-2 tf.SparseTensor. combiner=None returns one
+  row per id (dense: ids.shape + [dim]; ragged and sparse: a RaggedTensor
+  [batch, None, dim]); "sum" or "mean" combine the ids of the last axis (of
+  each row for ragged and sparse inputs; an empty row gives zeros):
+  [batch, dim].
 
   Training: the layer owns a zero scalar trainable weight, the push
   trigger; the ids' rows are pulled through `embedding_lookup`, so when a
@@ -546,9 +547,9 @@ class SparseEmbedding(keras.layers.Layer):
     """Ids must arrive as integers: a float tensor cannot hold every int64
     id (float32 is exact only below 2^24), so casting one back would merge
     and change ids without a word."""
-    if tf.as_dtype(dtype) not in (tf.int64, tf.int32):
+    if not tf.as_dtype(dtype).is_integer:  # casts to int64 lose nothing
       raise TypeError(
-          "SparseEmbedding %r: ids must be int64 or int32, got %s (a float "
+          "SparseEmbedding %r: ids must be integers, got %s (a float "
           "input cannot hold every int64 id; build the model's input with "
           "keras.Input(..., dtype=\"int64\"))"
           % (self.name, tf.as_dtype(dtype).name))
