@@ -391,23 +391,15 @@ def _lookup(table, keys, trigger, insert_missing, learning_rate, with_probe):
   def _rows(trigger_value):
     values = table.pull(keys, insert_missing=insert_missing)
 
-    def grad(dy):
-      step = table.push(*transformed(*flat_grads(dy)), learning_rate)
-      return zero_like_trigger(step, trigger_value)
-
-    return values, grad
-
-  @tf.custom_gradient
-  def _rows_and_probe(trigger_value):
-    values = table.pull(keys, insert_missing=insert_missing)
-
-    def grad(dy, dprobe):
+    def grad(dy, dprobe=None):  # dprobe: only with the probe as an output
       push_keys, push_grads = flat_grads(dy)
-      scale = tf.cast(dprobe, tf.float32)
 
       def as_is():
-        step = table.push(*transformed(push_keys, push_grads), learning_rate)
-        return step, tf.zeros([], tf.float32)
+        return table.push(*transformed(push_keys, push_grads), learning_rate)
+
+      if dprobe is None:
+        return zero_like_trigger(as_is(), trigger_value)
+      scale = tf.cast(dprobe, tf.float32)
 
       def unscaled():
         k, g = transformed(push_keys, push_grads / scale)
@@ -416,14 +408,16 @@ def _lookup(table, keys, trigger, insert_missing, learning_rate, with_probe):
                        lambda: tf.ones([], tf.int64))
         return step, tf.where(finite, 0.0, float("nan"))
 
-      step, nan_if_skipped = tf.cond(scale > 1.0, unscaled, as_is)
+      step, nan_if_skipped = tf.cond(
+          scale > 1.0, unscaled, lambda: (as_is(), tf.zeros([], tf.float32)))
       return zero_like_trigger(step, trigger_value) + tf.cast(
           nan_if_skipped, trigger_value.dtype)
 
-    return (values, tf.zeros([], tf.float32)), grad
+    if with_probe:
+      return (values, tf.zeros([], tf.float32)), grad
+    return values, grad
 
-  trigger = tf.convert_to_tensor(trigger)
-  return _rows_and_probe(trigger) if with_probe else _rows(trigger)
+  return _rows(tf.convert_to_tensor(trigger))
 
 
 _TABLE_ENTRY = "table."  # SparseEmbedding's table entries in Keras's stores
@@ -515,8 +509,7 @@ class SparseEmbedding(keras.layers.Layer):
     if isinstance(inputs, tf.SparseTensor):
       inputs = tf.RaggedTensor.from_sparse(inputs)
     if isinstance(inputs, tf.RaggedTensor):
-      self._check_ids_dtype(inputs.flat_values.dtype)
-      ids = tf.cast(inputs.flat_values, tf.int64)
+      ids = self._int64_ids(inputs.flat_values)
       emb = inputs.with_flat_values(self._rows(ids, training))
       if self.combiner is None:
         return tf.cast(emb, self.compute_dtype)
@@ -525,9 +518,7 @@ class SparseEmbedding(keras.layers.Layer):
         count = tf.reduce_sum(tf.ones_like(inputs, tf.float32), axis=-1)
         total = total / tf.maximum(count, 1.0)[..., tf.newaxis]
       return tf.cast(total, self.compute_dtype)
-    ids = tf.convert_to_tensor(inputs)
-    self._check_ids_dtype(ids.dtype)
-    ids = tf.cast(ids, tf.int64)
+    ids = self._int64_ids(tf.convert_to_tensor(inputs))
     if self.combiner is not None and ids.shape.rank == 1:
       ids = ids[:, tf.newaxis]
     emb = self._rows(ids, training)
@@ -542,6 +533,11 @@ class SparseEmbedding(keras.layers.Layer):
     if self.combiner is not None and len(shape) >= 2:
       shape = shape[:-1]
     return shape + (self.dim,)
+
+  def _int64_ids(self, ids):
+    """The ids tensor as int64, once _check_ids_dtype took its type."""
+    self._check_ids_dtype(ids.dtype)
+    return tf.cast(ids, tf.int64)
 
   def _check_ids_dtype(self, dtype):
     """Ids must arrive as integers: a float tensor cannot hold every int64
