@@ -14,7 +14,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_python(code, timeout=300, env=None, check=True):
   """Runs `code` in a fresh Python process; returns CompletedProcess."""
-  full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
+  full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  full_env.update(env or {})
   proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
                         capture_output=True, text=True, timeout=timeout,
                         env=full_env)

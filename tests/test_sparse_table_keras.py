@@ -162,6 +162,27 @@ def test_mirrored_strategy_replicas_push_the_batch_gradient(fresh_python):
   assert out.stdout.strip().endswith("ok")
 
 
+def test_float32_fit_logs_no_grappler_warning(fresh_python):
+  """Without a loss scale the push's loss-scale branch has a constant
+  predicate; Grappler must not be left to fold it (it then logs "Skipping
+  loop optimization for Merge node with control input" at TensorFlow's
+  default log level). The fit still trains the table."""
+  out = fresh_python("""
+      import numpy as np, keras
+      from hpc_ops.layers import SparseEmbedding
+      inp = keras.Input((3,), dtype="int64")
+      emb = SparseEmbedding(4, combiner="mean", optimizer="adagrad",
+                            initializer="zeros")
+      model = keras.Model(inp, keras.layers.Dense(1)(emb(inp)))
+      model.compile("adam", "mse")
+      ids = np.arange(96, dtype=np.int64).reshape(32, 3)
+      model.fit(ids, np.ones((32, 1)), batch_size=8, epochs=1, verbose=0)
+      print("rows", np.abs(emb.table.pull(ids, insert_missing=False)).max())
+  """, env={"TF_CPP_MIN_LOG_LEVEL": "0"})
+  assert float(out.stdout.split()[-1]) > 0
+  assert "loop_optimizer" not in out.stderr, out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("mode", ["eager", "function"])
 def test_loss_scaling_skips_a_push_that_overflowed(mode):
   """Under a loss scale, a gradient that is not finite is not pushed and

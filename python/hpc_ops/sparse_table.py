@@ -408,8 +408,14 @@ def _lookup(table, keys, trigger, insert_missing, learning_rate, with_probe):
                        lambda: tf.ones([], tf.int64))
         return step, tf.where(finite, 0.0, float("nan"))
 
+      # Without a loss scale the factor is a constant 1, which Grappler
+      # folds; its dead-branch pass then stops at the push's side-effect
+      # Merge and logs a warning for the training function of a float32
+      # fit. A pass-through it does not fold keeps the predicate a run-time
+      # value (the branch taken is the same).
+      scaled = tf.raw_ops.PlaceholderWithDefault(input=scale > 1.0, shape=[])
       step, nan_if_skipped = tf.cond(
-          scale > 1.0, unscaled, lambda: (as_is(), tf.zeros([], tf.float32)))
+          scaled, unscaled, lambda: (as_is(), tf.zeros([], tf.float32)))
       return zero_like_trigger(step, trigger_value) + tf.cast(
           nan_if_skipped, trigger_value.dtype)
 
