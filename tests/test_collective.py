@@ -244,6 +244,34 @@ def test_keras_helpers_single_process():
             callbacks=[hd.BroadcastGlobalVariablesCallback(0)])
 
 
+def test_callback_refuses_loss_scaling_around_the_allreduce():
+  """A DistributedOptimizer made before the mixed_float16 policy was set
+  gets wrapped by compile in a LossScaleOptimizer that checks each
+  process's own gradients: the callback refuses it, naming the fix, which
+  then trains."""
+  import keras
+  x, y = np.ones((4, 2), np.float32), np.ones((4, 1), np.float32)
+  early = hd.DistributedOptimizer(keras.optimizers.SGD(0.1))
+  keras.mixed_precision.set_global_policy("mixed_float16")
+  try:
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=early, loss="mse", jit_compile=False)
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    with pytest.raises(ValueError, match=r"DistributedOptimizer\(keras."
+                       r"optimizers.LossScaleOptimizer\(optimizer\)\)"):
+      model.fit(x, y, verbose=0,
+                callbacks=[hd.BroadcastGlobalVariablesCallback(0)])
+    fixed = hd.DistributedOptimizer(keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.1)))
+    model.compile(optimizer=fixed, loss="mse", jit_compile=False)
+    before = model.get_weights()[0].copy()
+    model.fit(x, y, verbose=0,
+              callbacks=[hd.BroadcastGlobalVariablesCallback(0)])
+    assert not np.array_equal(model.get_weights()[0], before)
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
+
+
 def test_import_without_the_library(fresh_python):
   """`import hpc_ops` works without _collective_ops.so (a build without
   MPI); hpc_ops.distributed explains itself on use."""

@@ -330,6 +330,17 @@ def DistributedOptimizer(optimizer, op="average",  # noqa: N802 (Horovod name)
   return optimizer
 
 
+def _combines_after_loss_scaling(optimizer):
+  """True for a LossScaleOptimizer around a DistributedOptimizer (what
+  Keras's compile makes of a DistributedOptimizer created before the
+  mixed_float16 policy was set, or for a model with its own mixed policy)."""
+  import keras
+  inner = getattr(optimizer, "inner_optimizer", None)
+  return (isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and
+          not getattr(type(optimizer), "_hpc_ops_distributed", False) and
+          getattr(type(inner), "_hpc_ops_distributed", False))
+
+
 def _make_callback_class():
   import keras
 
@@ -350,8 +361,17 @@ def _make_callback_class():
         raise ValueError(
             "hpc_ops: compile the model with jit_compile=False; XLA cannot "
             "compile the MPI collectives of hpc_ops.distributed")
-      variables = list(self.model.weights)
       optimizer = getattr(self.model, "optimizer", None)
+      if _combines_after_loss_scaling(optimizer):
+        raise ValueError(
+            "hpc_ops: the model's LossScaleOptimizer wraps a "
+            "DistributedOptimizer, so each process checks only its own "
+            "gradients for overflow, and one that skips a step leaves the "
+            "others' allreduce waiting. Compile with DistributedOptimizer("
+            "keras.optimizers.LossScaleOptimizer(optimizer)) instead (what "
+            "DistributedOptimizer does itself when the mixed_float16 policy "
+            "is set before it is called)")
+      variables = list(self.model.weights)
       if optimizer is not None:
         variables += list(optimizer.variables)
       broadcast_variables(variables, self.root_rank)
