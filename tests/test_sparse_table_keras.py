@@ -481,6 +481,57 @@ def test_keras_weights_without_table_contents_warn(tmp_path, monkeypatch):
   assert int(model.layers[1].table.size()) == 2  # kept its rows
 
 
+def test_backup_and_restore_resumes_with_the_table(tmp_path):
+  """keras.callbacks.BackupAndRestore: a fit interrupted after its second
+  epoch resumes, in a new model, at the third with the table's rows, slots
+  and step as they were."""
+  ids = np.arange(96, dtype=np.int64).reshape(32, 3)
+  y = np.ones((32, 1), np.float32)
+
+  def build():
+    inp = keras.Input((3,), dtype="int64")
+    emb = SparseEmbedding(4, combiner="mean", optimizer="adam",
+                          initializer="zeros")
+    model = keras.Model(inp, keras.layers.Dense(1, kernel_initializer="ones")(
+        emb(inp)))
+    model.compile("adam", "mse")
+    return model, emb
+
+  class Interrupt(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+      if epoch == 1:
+        self.snapshot = emb.table.export()
+        raise RuntimeError("interrupted")
+
+  model, emb = build()
+  interrupt = Interrupt()
+  with pytest.raises(RuntimeError, match="interrupted"):
+    model.fit(ids, y, epochs=4, verbose=0, callbacks=[
+        keras.callbacks.BackupAndRestore(str(tmp_path)), interrupt])
+  assert int(interrupt.snapshot.step) == 2 and len(interrupt.snapshot.keys) == 96
+
+  class Check(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+      self.epoch = epoch
+      self.snapshot = emb2.table.export()
+      raise RuntimeError("resumed")
+
+  model2, emb2 = build()
+  check = Check()
+  with pytest.raises(RuntimeError, match="resumed"):
+    model2.fit(ids, y, epochs=4, verbose=0, callbacks=[
+        keras.callbacks.BackupAndRestore(str(tmp_path)), check])
+  assert check.epoch == 2
+  want, got = interrupt.snapshot, check.snapshot
+  order, got_order = np.argsort(want.keys), np.argsort(got.keys)
+  np.testing.assert_array_equal(got.keys.numpy()[got_order],
+                                want.keys.numpy()[order])
+  for field in ("values", "slots"):
+    np.testing.assert_array_equal(getattr(got, field).numpy()[got_order],
+                                  getattr(want, field).numpy()[order])
+  assert int(got.step) == int(want.step)
+
+
 def test_float_ids_are_refused():
   """A float input would merge large int64 ids silently (float32 holds
   integers exactly only below 2^24): refused when the model is built and
