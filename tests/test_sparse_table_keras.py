@@ -497,31 +497,32 @@ def test_backup_and_restore_resumes_with_the_table(tmp_path):
     model.compile("adam", "mse")
     return model, emb
 
-  class Interrupt(keras.callbacks.Callback):
-    def on_epoch_end(self, epoch, logs=None):
-      if epoch == 1:
-        self.snapshot = emb.table.export()
-        raise RuntimeError("interrupted")
+  class Stop(keras.callbacks.Callback):
+    """Exports the table and stops the fit at its `hook` of `epoch` (None:
+    the first epoch the fit runs)."""
+
+    def __init__(self, emb, hook, epoch):
+      super().__init__()
+      self.emb, self.at = emb, epoch
+      setattr(self, hook, self.stop)
+
+    def stop(self, epoch, logs=None):
+      if self.at in (None, epoch):
+        self.epoch, self.snapshot = epoch, self.emb.table.export()
+        raise RuntimeError("stopped")
+
+  def fit_until(model, stop):
+    with pytest.raises(RuntimeError, match="stopped"):
+      model.fit(ids, y, epochs=4, verbose=0, callbacks=[
+          keras.callbacks.BackupAndRestore(str(tmp_path)), stop])
+    return stop
 
   model, emb = build()
-  interrupt = Interrupt()
-  with pytest.raises(RuntimeError, match="interrupted"):
-    model.fit(ids, y, epochs=4, verbose=0, callbacks=[
-        keras.callbacks.BackupAndRestore(str(tmp_path)), interrupt])
+  interrupt = fit_until(model, Stop(emb, "on_epoch_end", 1))
   assert int(interrupt.snapshot.step) == 2 and len(interrupt.snapshot.keys) == 96
-
-  class Check(keras.callbacks.Callback):
-    def on_epoch_begin(self, epoch, logs=None):
-      self.epoch = epoch
-      self.snapshot = emb2.table.export()
-      raise RuntimeError("resumed")
-
   model2, emb2 = build()
-  check = Check()
-  with pytest.raises(RuntimeError, match="resumed"):
-    model2.fit(ids, y, epochs=4, verbose=0, callbacks=[
-        keras.callbacks.BackupAndRestore(str(tmp_path)), check])
-  assert check.epoch == 2
+  check = fit_until(model2, Stop(emb2, "on_epoch_begin", None))
+  assert check.epoch == 2  # resumed after the two epochs of the backup
   want, got = interrupt.snapshot, check.snapshot
   order, got_order = np.argsort(want.keys), np.argsort(got.keys)
   np.testing.assert_array_equal(got.keys.numpy()[got_order],
