@@ -262,7 +262,7 @@ def test_callback_refuses_loss_scaling_around_the_allreduce():
       model.fit(x, y, verbose=0,
                 callbacks=[hd.BroadcastGlobalVariablesCallback(0)])
     fixed = hd.DistributedOptimizer(keras.optimizers.LossScaleOptimizer(
-        keras.optimizers.SGD(0.1)))
+        keras.optimizers.SGD(0.1), initial_scale=2.0))  # no overflow
     model.compile(optimizer=fixed, loss="mse", jit_compile=False)
     before = model.get_weights()[0].copy()
     model.fit(x, y, verbose=0,
