@@ -2,6 +2,9 @@
 and sparse ids and every combiner, the gradient that pushes into the table
 (exactly, through a tape, and in model.fit with the loss falling), the
 push_transform hook, inference without inserts, config and checkpoints."""
+import warnings
+
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -410,6 +413,32 @@ def test_keras_format_keeps_a_shared_table(tmp_path):
   assert int(first.get_layer("user").table.size()) == 180
   assert int(second.get_layer("user").table.size()) == 90
 
+  # The shared table is stored once (with the first layer), the other once.
+  weights = str(tmp_path / "w.weights.h5")
+  model.save_weights(weights)
+  with h5py.File(weights, "r") as f:
+    stored = []
+    f.visit(lambda name: stored.append(name) if name.endswith("/keys") else None)
+  assert len(stored) == 2, stored
+  # A model built with the layers on one table loads it; one where they
+  # have a table each is refused (the item layer's contents are elsewhere).
+  for shared in (True, False):
+    u = keras.Input(shape=(2,), dtype="int64")
+    i = keras.Input(shape=(3,), dtype="int64")
+    ue = SparseEmbedding(4, combiner="sum", optimizer="adam", seed=2)
+    ie = SparseEmbedding(4, combiner="mean", optimizer="adam", seed=2,
+                         table=ue.table if shared else None)
+    out = keras.layers.Concatenate()(
+        [ue(u), ie(i), SparseEmbedding(4, combiner="sum")(u)])
+    rebuilt = keras.Model([u, i], keras.layers.Dense(1)(out))
+    if shared:
+      rebuilt.load_weights(weights)
+      assert int(ue.table.size()) == 90
+      np.testing.assert_array_equal(rebuilt.predict(probe, verbose=0), expected)
+    else:
+      with pytest.raises(ValueError, match="another layer that shared the table"):
+        rebuilt.load_weights(weights)
+
 
 def test_tf_checkpoint_of_a_model_restores_the_table(tmp_path):
   inp = keras.Input(shape=(2,), dtype="int64")
@@ -468,17 +497,50 @@ def test_keras_formats_keep_the_table(tmp_path):
   np.testing.assert_array_equal(other.predict(probe, verbose=0), expected)
 
 
-def test_keras_weights_without_table_contents_warn(tmp_path, monkeypatch):
+def _save_in_an_earlier_form(model, path, monkeypatch, with_table):
+  """save_weights as earlier versions wrote it: the table's contents as
+  "table.<name>" entries beside the layer's weight, or none at all."""
+
+  def save_own_variables(layer, store):
+    keras.layers.Layer.save_own_variables(layer, store)
+    if with_table:
+      for name, value in layer.table._serialize_to_tensors().items():
+        store["table." + name] = value.numpy()
+
+  with monkeypatch.context() as m:
+    m.setattr(SparseEmbedding, "save_own_variables", save_own_variables)
+    m.setattr(SparseEmbedding, "_table_contents", None)
+    model.save_weights(path)
+
+
+def test_keras_weights_of_earlier_forms_load(tmp_path, monkeypatch):
+  """Weights with the table beside the layer's weight (two layers on one
+  table: stored with each) still load; weights without table contents
+  load with a warning and leave the table as it is."""
   inp = keras.Input(shape=(2,), dtype="int64")
-  model = keras.Model(inp, SparseEmbedding(4, combiner="sum")(inp))
+  first = SparseEmbedding(4, combiner="sum", optimizer="adam")
+  second = SparseEmbedding(4, combiner="mean", table=first.table)
+  out = keras.layers.Concatenate()([first(inp), second(inp)])
+  model = keras.Model(inp, out)
   model(np.array([[1, 2]]), training=True)
-  monkeypatch.setattr(SparseEmbedding, "save_own_variables",
-                      keras.layers.Layer.save_own_variables)  # the old format
-  model.save_weights(str(tmp_path / "old.weights.h5"))
-  monkeypatch.undo()
+  first.table.push([1, 2], np.ones((2, 4), np.float32), 0.5)
+  saved = first.table.export()
+  path = str(tmp_path / "beside.weights.h5")
+  _save_in_an_earlier_form(model, path, monkeypatch, with_table=True)
+  model(np.array([[3, 4]]), training=True)
+  first.table.push([1], np.ones((1, 4), np.float32), 0.5)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", UserWarning)
+    model.load_weights(path)
+  restored = first.table.export()
+  for a, b in zip(saved, restored):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+  path = str(tmp_path / "none.weights.h5")
+  _save_in_an_earlier_form(model, path, monkeypatch, with_table=False)
   with pytest.warns(UserWarning, match="hold no table contents"):
-    model.load_weights(str(tmp_path / "old.weights.h5"))
-  assert int(model.layers[1].table.size()) == 2  # kept its rows
+    model.load_weights(path)
+  assert int(first.table.size()) == 2  # kept its rows
 
 
 def test_backup_and_restore_resumes_with_the_table(tmp_path):

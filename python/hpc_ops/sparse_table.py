@@ -18,8 +18,10 @@ import itertools
 import os
 import re
 import warnings
+import weakref
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from hpc_ops import gen_sparse_table_ops
@@ -427,6 +429,58 @@ def _lookup(table, keys, trigger, insert_missing, learning_rate, with_probe):
 
 
 _TABLE_ENTRY = "table."  # SparseEmbedding's table entries in Keras's stores
+# Written by a layer whose table's contents are in its _table_contents entry
+# (or in the entry of an earlier layer that shares the table).
+_STORED_APART = _TABLE_ENTRY + "stored_apart"
+
+
+class _TableContents(keras.layers.Layer):
+  """The contents of one SparseTable in Keras's formats (.keras,
+  .weights.h5). Every SparseEmbedding on the table reaches this one object
+  (`_table_contents`), and Keras saves and loads an object it reaches
+  twice only once, so a table shared by several layers is stored once,
+  with the first of them."""
+
+  def __init__(self, table):
+    super().__init__()
+    self._table = weakref.ref(table)  # the table holds no link to this
+    self.expected = False  # set by a layer that stored its table apart
+    self.built = True
+
+  def save_own_variables(self, store):
+    """The table's checkpoint tensors (rows, slots, counters, step and any
+    admission counts, from one consistent read)."""
+    for name, value in self._table()._serialize_to_tensors().items():
+      store[name] = value.numpy()
+
+  def load_own_variables(self, store):
+    table = {name: tf.constant(store[name]) for name in store.keys()}
+    if not table:
+      if self.expected:
+        raise ValueError(
+            "SparseEmbedding table %r: the saved weights keep its contents "
+            "with another layer that shared the table when it was saved; "
+            "build the model with those layers on one table (table=) to "
+            "load them" % self._table().name)
+      return  # weights of the earlier forms: the layer loads them
+    _restore_saved_table(self._table(), table,
+                         "SparseEmbedding table %r" % self._table().name)
+
+
+def _restore_saved_table(table, tensors, what):
+  missing = {"keys", "values", "slots", "counters", "step"} - set(tensors)
+  if missing:
+    raise ValueError("%s: the saved table lacks %s" % (what, sorted(missing)))
+  table._restore_from_tensors(tensors)
+
+
+_contents = weakref.WeakKeyDictionary()  # SparseTable -> _TableContents
+
+
+def _contents_of(table):
+  if table not in _contents:
+    _contents[table] = _TableContents(table)
+  return _contents[table]
 
 
 @keras.saving.register_keras_serializable(package="hpc_ops")
@@ -457,8 +511,8 @@ class SparseEmbedding(keras.layers.Layer):
 
   The table is tracked as `layer.table`: tf.train.Checkpoint and
   tf.saved_model save it, and Keras's own formats (`model.save` to
-  .keras, `save_weights` to .weights.h5) store its contents beside the
-  layer's weight (see save_own_variables).
+  .keras, `save_weights` to .weights.h5) store its contents once, with the
+  first layer on the table (see _TableContents).
 
   Args: dim, combiner, table (an existing SparseTable to use), and the
   SparseTable arguments (initializer, init_scale, seed, optimizer,
@@ -564,30 +618,33 @@ class SparseEmbedding(keras.layers.Layer):
     return keras.KerasTensor(shape, dtype=self.compute_dtype,
                              ragged=ragged and self.combiner is None)
 
+  @property
+  def _table_contents(self):
+    """What Keras's formats store of the table (see _TableContents)."""
+    return _contents_of(self.table)
+
   def save_own_variables(self, store):
-    """Keras's formats: the layer's weight as Keras stores it ("0"), then
-    the table's checkpoint tensors (rows, slots, counters, step and any
-    admission counts, from one consistent read) as "table.<name>"."""
+    """Keras's formats: the layer's weight as Keras stores it ("0") and a
+    mark that the table's contents are stored apart (_table_contents)."""
     super().save_own_variables(store)
-    for name, value in self.table._serialize_to_tensors().items():
-      store[_TABLE_ENTRY + name] = value.numpy()
+    store[_STORED_APART] = np.int64(1)
 
   def load_own_variables(self, store):
+    """Also loads the earlier forms: the table's contents beside the
+    layer's weight ("table.<name>" entries), or none."""
     names = list(store.keys())
     own = {n: store[n] for n in names if not n.startswith(_TABLE_ENTRY)}
     super().load_own_variables(own)
-    table = {n[len(_TABLE_ENTRY):]: tf.constant(store[n])
-             for n in names if n.startswith(_TABLE_ENTRY)}
-    if not table:
+    apart = _STORED_APART in names
+    self._table_contents.expected = apart
+    table = {n[len(_TABLE_ENTRY):]: tf.constant(store[n]) for n in names
+             if n.startswith(_TABLE_ENTRY) and n != _STORED_APART}
+    if table:
+      _restore_saved_table(self.table, table, "SparseEmbedding %r" % self.name)
+    elif not apart:
       warnings.warn("SparseEmbedding %r: the saved weights hold no table "
                     "contents (written before the layer stored them); the "
                     "table keeps its rows" % self.name)
-      return
-    missing = {"keys", "values", "slots", "counters", "step"} - set(table)
-    if missing:
-      raise ValueError("SparseEmbedding %r: the saved table lacks %s"
-                       % (self.name, sorted(missing)))
-    self.table._restore_from_tensors(table)
 
   def get_config(self):
     """The layer's arguments, with the table as a nested config that names
