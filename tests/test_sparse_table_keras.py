@@ -595,6 +595,31 @@ def test_backup_and_restore_resumes_with_the_table(tmp_path):
   assert int(got.step) == int(want.step)
 
 
+def test_eviction_between_epochs_of_a_fit():
+  """A callback that evicts idle rows at each epoch's end (as documented):
+  the rows of ids no longer seen go, the others stay trained, and the
+  model goes on training (the evicted ids get new rows when they return)."""
+  inp = keras.Input((2,), dtype="int64")
+  emb = SparseEmbedding(4, combiner="sum", optimizer="adagrad",
+                        track_usage=True)
+  model = keras.Model(inp, keras.layers.Dense(1)(emb(inp)))
+  model.compile("sgd", "mse")
+  evicted = []
+  evict = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs:
+                                         evicted.append(int(emb.table.evict(
+                                             max_idle_steps=4))))
+  old, new = np.arange(40).reshape(20, 2), np.arange(100, 140).reshape(20, 2)
+  y = np.ones((20, 1), np.float32)
+  model.fit(old, y, batch_size=4, epochs=1, verbose=0)  # 5 steps
+  model.fit(new, y, batch_size=4, epochs=2, verbose=0, callbacks=[evict])
+  assert evicted == [40, 0]
+  keys = sorted(emb.table.export().keys.numpy().tolist())
+  assert keys == list(range(100, 140))
+  history = model.fit(old, y, batch_size=4, epochs=1, verbose=0)
+  assert np.isfinite(history.history["loss"][0])
+  assert int(emb.table.size()) == 80
+
+
 def test_float_ids_are_refused():
   """A float input would merge large int64 ids silently (float32 holds
   integers exactly only below 2^24): refused when the model is built and
