@@ -19,6 +19,15 @@ def rows(layer, ids):
   return layer.table.pull(np.asarray(ids, np.int64), insert_missing=False).numpy()
 
 
+def sorted_export(snap):
+  """A TableSnapshot as numpy arrays in key order (keys, values, slots,
+  counters, step), to compare tables whose rows are stored in any order."""
+  order = np.argsort(snap.keys.numpy())
+  return [snap.keys.numpy()[order], snap.values.numpy()[order],
+          snap.slots.numpy()[order], snap.counters.numpy()[order],
+          snap.step.numpy()]
+
+
 @pytest.mark.parametrize("mode", ["eager", "function"])
 def test_dense_ids_every_combiner(mode):
   layer = SparseEmbedding(3, seed=2)
@@ -465,11 +474,10 @@ def test_keras_formats_keep_the_table(tmp_path):
     return keras.Model(inp, keras.layers.Dense(1)(emb(inp))), emb
 
   def state(layer):
-    s, adm = layer.table.export(), layer.table.export_admission()
-    order, adm_order = np.argsort(s.keys.numpy()), np.argsort(adm.keys.numpy())
-    return [s.keys.numpy()[order], s.values.numpy()[order], s.slots.numpy()[order],
-            s.counters.numpy()[order], s.step.numpy(),
-            adm.keys.numpy()[adm_order], adm.counts.numpy()[adm_order]]
+    adm = layer.table.export_admission()
+    adm_order = np.argsort(adm.keys.numpy())
+    return sorted_export(layer.table.export()) + [
+        adm.keys.numpy()[adm_order], adm.counts.numpy()[adm_order]]
 
   model, emb = build()
   model.compile(optimizer="adam", loss="mse")
@@ -545,8 +553,8 @@ def test_keras_weights_of_earlier_forms_load(tmp_path, monkeypatch):
 
 def test_backup_and_restore_resumes_with_the_table(tmp_path):
   """keras.callbacks.BackupAndRestore: a fit interrupted after its second
-  epoch resumes, in a new model, at the third with the table's rows, slots
-  and step as they were."""
+  epoch resumes, in a new model, at the third with the table's rows, slots,
+  counters and step as they were."""
   ids = np.arange(96, dtype=np.int64).reshape(32, 3)
   y = np.ones((32, 1), np.float32)
 
@@ -585,14 +593,9 @@ def test_backup_and_restore_resumes_with_the_table(tmp_path):
   model2, emb2 = build()
   check = fit_until(model2, Stop(emb2, "on_epoch_begin", None))
   assert check.epoch == 2  # resumed after the two epochs of the backup
-  want, got = interrupt.snapshot, check.snapshot
-  order, got_order = np.argsort(want.keys), np.argsort(got.keys)
-  np.testing.assert_array_equal(got.keys.numpy()[got_order],
-                                want.keys.numpy()[order])
-  for field in ("values", "slots"):
-    np.testing.assert_array_equal(getattr(got, field).numpy()[got_order],
-                                  getattr(want, field).numpy()[order])
-  assert int(got.step) == int(want.step)
+  for want, got in zip(sorted_export(interrupt.snapshot),
+                       sorted_export(check.snapshot)):
+    np.testing.assert_array_equal(got, want)  # keys, values, slots, counters, step
 
 
 def test_eviction_between_epochs_of_a_fit():
