@@ -10,6 +10,7 @@ import tensorflow as tf
 import hpc_ops
 from hpc_ops import gen_sparse_table_ops as gen
 from hpc_ops import sparse_table
+from table_snapshot import sorted_export
 
 INT64_MAX = np.iinfo(np.int64).max
 INT64_MIN = np.iinfo(np.int64).min
@@ -22,10 +23,8 @@ def table(dim=4, **kw):
 
 def snapshot(t):
   """Export as numpy arrays sorted by key."""
-  s = t.export()
-  order = np.argsort(s.keys.numpy())
-  return (s.keys.numpy()[order], s.values.numpy()[order],
-          s.slots.numpy()[order], s.counters.numpy()[order], int(s.step))
+  keys, values, slots, counters, step = sorted_export(t.export())
+  return keys, values, slots, counters, int(step)
 
 
 # ---------------------------------------------------------------- pull

@@ -12,14 +12,13 @@ import pytest
 import tensorflow as tf
 
 import hpc_ops
+from table_snapshot import sorted_export
 
 
 def snapshot(t):
-  s = t.export()
-  order = np.argsort(s.keys.numpy(), kind="stable")
-  return {"keys": s.keys.numpy()[order], "values": s.values.numpy()[order],
-          "slots": s.slots.numpy()[order], "counters": s.counters.numpy()[order],
-          "step": int(s.step)}
+  keys, values, slots, counters, step = sorted_export(t.export())
+  return {"keys": keys, "values": values, "slots": slots, "counters": counters,
+          "step": int(step)}
 
 
 def assert_bit_equal(a, b):

@@ -13,19 +13,11 @@ import tensorflow as tf
 import hpc_ops
 from hpc_ops import sparse_table
 from hpc_ops.layers import SparseEmbedding
+from table_snapshot import sorted_export
 
 
 def rows(layer, ids):
   return layer.table.pull(np.asarray(ids, np.int64), insert_missing=False).numpy()
-
-
-def sorted_export(snap):
-  """A TableSnapshot as numpy arrays in key order (keys, values, slots,
-  counters, step), to compare tables whose rows are stored in any order."""
-  order = np.argsort(snap.keys.numpy())
-  return [snap.keys.numpy()[order], snap.values.numpy()[order],
-          snap.slots.numpy()[order], snap.counters.numpy()[order],
-          snap.step.numpy()]
 
 
 @pytest.mark.parametrize("mode", ["eager", "function"])
