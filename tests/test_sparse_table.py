@@ -10,7 +10,7 @@ import tensorflow as tf
 import hpc_ops
 from hpc_ops import gen_sparse_table_ops as gen
 from hpc_ops import sparse_table
-from table_snapshot import sorted_export
+from table_snapshot import admission_counts, sorted_export
 
 INT64_MAX = np.iinfo(np.int64).max
 INT64_MIN = np.iinfo(np.int64).min
@@ -404,11 +404,6 @@ def test_admission_needs_min_count_pulls():
   # Duplicates in one batch count one by one.
   t.pull([9, 9, 9])
   assert int(t.size()) == 2
-
-
-def admission_counts(t):
-  adm = t.export_admission()
-  return dict(zip(adm.keys.numpy().tolist(), adm.counts.numpy().tolist()))
 
 
 def test_admission_counts_export_and_import():
