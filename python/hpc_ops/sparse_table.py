@@ -444,7 +444,12 @@ class _TableContents(keras.layers.Layer):
   def __init__(self, table):
     super().__init__()
     self._table = weakref.ref(table)  # the table holds no link to this
+    # What a layer on the table writes as its mark (_STORED_APART): the same
+    # number for every layer on one table, another for every other table.
+    self.mark = next(_table_marks)
     self.expected = False  # set by a layer that stored its table apart
+    self.pending_mark = None  # the mark of the layer loaded last
+    self.loaded_mark = None  # that of the layer whose contents were loaded
     self.built = True
 
   def save_own_variables(self, store):
@@ -454,6 +459,9 @@ class _TableContents(keras.layers.Layer):
       store[name] = value.numpy()
 
   def load_own_variables(self, store):
+    # Loaded right after the layer it is stored with (Keras visits a
+    # layer's own weights, then what it reaches).
+    self.loaded_mark = self.pending_mark
     table = {name: tf.constant(store[name]) for name in store.keys()}
     if not table:
       if self.expected:
@@ -474,7 +482,42 @@ def _restore_saved_table(table, tensors, what):
   table._restore_from_tensors(tensors)
 
 
+class _TableCheck(keras.layers.Layer):
+  """A layer's check, when Keras's formats load, that the table whose
+  contents it loads was its own table when saved. Keras reaches it after the
+  layer's `_table_contents`, so the shared contents have been loaded by
+  then, with this layer or an earlier one on the table. Weights saved from
+  layers with a table each, loaded into layers that share one, would
+  otherwise load the first layer's table and skip the others."""
+
+  def __init__(self, layer):
+    super().__init__()
+    self._layer = weakref.ref(layer)
+    self.mark = None  # the layer's saved mark, set as the layer loads
+    self.built = True
+
+  def save_own_variables(self, store):
+    pass
+
+  def load_own_variables(self, store):
+    layer = self._layer()
+    loaded, mark = layer._table_contents.loaded_mark, self.mark
+    self.mark = None
+    # Mark 1: weights saved before marks told tables apart.
+    if mark is None or loaded is None or 1 in (mark, loaded):
+      return
+    if mark != loaded:
+      raise ValueError(
+          "SparseEmbedding %r: the saved weights hold a table of its own, but "
+          "in this model it shares table %r with an earlier layer, whose "
+          "saved table was loaded into it; build the model with a table per "
+          "layer, as when the weights were saved, to load them"
+          % (layer.name, layer.table.name))
+
+
+_table_marks = itertools.count(2)
 _contents = weakref.WeakKeyDictionary()  # SparseTable -> _TableContents
+_checks = weakref.WeakKeyDictionary()  # SparseEmbedding -> _TableCheck
 
 
 def _contents_of(table):
@@ -623,11 +666,19 @@ class SparseEmbedding(keras.layers.Layer):
     """What Keras's formats store of the table (see _TableContents)."""
     return _contents_of(self.table)
 
+  @property
+  def _table_contents_check(self):
+    """Reached after _table_contents as Keras loads (see _TableCheck)."""
+    if self not in _checks:
+      _checks[self] = _TableCheck(self)
+    return _checks[self]
+
   def save_own_variables(self, store):
     """Keras's formats: the layer's weight as Keras stores it ("0") and a
-    mark that the table's contents are stored apart (_table_contents)."""
+    mark that the table's contents are stored apart (_table_contents),
+    which names the table among those of the save."""
     super().save_own_variables(store)
-    store[_STORED_APART] = np.int64(1)
+    store[_STORED_APART] = np.int64(self._table_contents.mark)
 
   def load_own_variables(self, store):
     """Also loads the earlier forms: the table's contents beside the
@@ -636,7 +687,10 @@ class SparseEmbedding(keras.layers.Layer):
     own = {n: store[n] for n in names if not n.startswith(_TABLE_ENTRY)}
     super().load_own_variables(own)
     apart = _STORED_APART in names
-    self._table_contents.expected = apart
+    contents = self._table_contents
+    contents.expected = apart
+    contents.pending_mark = int(store[_STORED_APART]) if apart else None
+    self._table_contents_check.mark = contents.pending_mark
     table = {n[len(_TABLE_ENTRY):]: tf.constant(store[n]) for n in names
              if n.startswith(_TABLE_ENTRY) and n != _STORED_APART}
     if table:
