@@ -317,6 +317,34 @@ def test_model_fit_with_ragged_ids():
   assert int(emb.table.size()) == len(np.unique(flat))
 
 
+def test_fit_with_steps_per_execution_or_run_eagerly_matches_the_default():
+  """Several train steps per tf.function call, or none in a function, push
+  the same gradients in the same order: the same losses, rows and dense
+  weights as a default fit."""
+
+  def fit(**compile_args):
+    keras.utils.set_random_seed(1)
+    inp = keras.Input(shape=(3,), dtype="int64")
+    emb = SparseEmbedding(4, combiner="sum", seed=3)
+    model = keras.Model(inp, keras.layers.Dense(1)(emb(inp)))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse",
+                  **compile_args)
+    x = np.random.default_rng(0).integers(0, 50, size=(64, 3))
+    y = (x.sum(1, keepdims=True) % 3) / 2.0
+    loss = model.fit(x, y, batch_size=8, epochs=3, verbose=0,
+                     shuffle=False).history["loss"]
+    return loss, sorted_export(emb.table.export()), model.get_weights()
+
+  loss, rows, dense = fit()
+  assert loss[-1] < 0.7 * loss[0], loss
+  assert int(rows[4]) == 3 * 64 // 8  # one push per step
+  for compile_args in ({"steps_per_execution": 4}, {"run_eagerly": True}):
+    other_loss, other_rows, other_dense = fit(**compile_args)
+    np.testing.assert_allclose(other_loss, loss, rtol=1e-5)
+    for a, b in zip(other_rows + other_dense, rows + dense):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_push_transform_sees_distinct_keys_and_summed_grads():
   calls = []
 
