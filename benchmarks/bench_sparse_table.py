@@ -34,12 +34,29 @@ whose first touches cost every variant the same fixed time per batch
   mod                   row = id % 2^20 (collisions allowed), the dense-array
                         speed bound; +v1 Adagrad likewise
 
+--keras-fit times Keras's model.fit instead: a step over 4,096 examples of
+16 ids each (the same 65,536-key batches), summed per example, a
+sigmoid Dense head and binary cross-entropy:
+
+  hpc_ops               SparseEmbedding(D, combiner="sum"), its table
+                        training with Adagrad, Adam for the Dense head
+  keras Embedding       keras.layers.Embedding(2^20, D) on id % 2^20, summed,
+                        the whole model under Keras's Adagrad, SGD or Adam
+                        (Keras's Adagrad and Adam update every row of the
+                        2^20 on every step; its SGD applies the sparse
+                        gradient)
+
+Median step time from on_train_batch_begin to on_train_batch_end over
+--rounds epochs of the batches per model, the models taking turns by
+epoch.
+
 Bytes per key: growth of a fresh process's resident memory while an Adagrad
 table takes 2e6 distinct keys, divided by the key count, next to the raw size
 key + row + slot (8 + 4*D*2 bytes).
 
   python benchmarks/bench_sparse_table.py            # N 1e6 and 1e7, D 8/16/64
   python benchmarks/bench_sparse_table.py --quick    # N 1e6, D 16, 8 batches, 2 rounds
+  python benchmarks/bench_sparse_table.py --keras-fit --N 10000000 --dims 16
 """
 import argparse
 import functools
@@ -53,12 +70,14 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import bench_util  # noqa: E402
 import hpc_ops  # noqa: E402
 from hpc_ops import sparse_table  # noqa: E402
+from hpc_ops.layers import SparseEmbedding  # noqa: E402
 
 ROWS = 1 << 20  # the peers' fixed Variable
 
@@ -223,6 +242,95 @@ def peer(method, batches, uniq, dim, lr=0.01):
           "pull+push": step}, check
 
 
+FIT_IDS = 16  # ids per example in --keras-fit: 4,096 examples a batch
+
+
+class _StepTimes(keras.callbacks.Callback):
+  """The seconds of each train step of a fit."""
+
+  def __init__(self):
+    super().__init__()
+    self.times = []
+
+  def on_train_batch_begin(self, batch, logs=None):
+    self.t0 = time.perf_counter()
+
+  def on_train_batch_end(self, batch, logs=None):
+    self.times.append(time.perf_counter() - self.t0)
+
+
+def keras_fit_rows(keys_np, dim, rounds):
+  """--keras-fit: median model.fit step time of SparseEmbedding against
+  keras.layers.Embedding under three Keras optimizers; rows of
+  [impl, optimizer, median/step, examples/s, Mkeys/s, time over ours]."""
+  x = keys_np.reshape(-1, FIT_IDS)
+  batch = keys_np.shape[1] // FIT_IDS
+  y = np.random.default_rng(0).integers(0, 2, size=(len(x), 1)).astype(
+      np.float32)
+
+  def head(inp, embedded):
+    return keras.Model(
+        inp, keras.layers.Dense(1, activation="sigmoid")(embedded))
+
+  def ours():
+    inp = keras.Input(shape=(FIT_IDS,), dtype="int64")
+    emb = SparseEmbedding(dim, combiner="sum", optimizer="adagrad",
+                          learning_rate=0.01)
+    model = head(inp, emb(inp))
+    model.compile(optimizer=keras.optimizers.Adam(0.001),
+                  loss="binary_crossentropy")
+
+    def check():  # every id has its row, and the rows trained
+      assert int(emb.table.size()) == len(np.unique(keys_np))
+      assert int(emb.table.export().step) > 0
+    return model, x, check
+
+  def keras_embedding(optimizer):
+    inp = keras.Input(shape=(FIT_IDS,), dtype="int64")
+    emb = keras.layers.Embedding(ROWS, dim)
+    model = head(inp, keras.ops.sum(emb(inp), axis=1))
+    model.compile(optimizer=optimizer, loss="binary_crossentropy")
+    xs = np.mod(x, ROWS)
+    first = emb.embeddings.numpy()[xs[0]]
+
+    def check():
+      assert np.abs(emb.embeddings.numpy()[xs[0]] - first).max() > 0
+    return model, xs, check
+
+  variants = {
+      ("hpc_ops SparseEmbedding", "table Adagrad, Adam"): ours(),
+      ("keras Embedding", "Adagrad"): keras_embedding(
+          keras.optimizers.Adagrad(0.01)),
+      ("keras Embedding", "SGD"): keras_embedding(keras.optimizers.SGD(0.01)),
+      ("keras Embedding", "Adam"): keras_embedding(
+          keras.optimizers.Adam(0.001)),
+  }
+  times = {name: _StepTimes() for name in variants}
+  for model, xs, _ in variants.values():  # traces, and the table's rows
+    model.fit(xs, y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
+  names = list(variants)
+  gc.collect()
+  gc.disable()
+  try:
+    for r in range(rounds):
+      for name in names[r % len(names):] + names[:r % len(names)]:
+        model, xs, _ = variants[name]
+        model.fit(xs, y, batch_size=batch, epochs=1, verbose=0, shuffle=False,
+                  callbacks=[times[name]])
+  finally:
+    gc.enable()
+  for _, _, check in variants.values():
+    check()
+  ours_sec = float(np.median(times[names[0]].times))
+  rows = []
+  for name in names:
+    sec = float(np.median(times[name].times))
+    rows.append([name[0], name[1], bench_util.fmt_time(sec),
+                 "%.0f" % (batch / sec), "%.1f" % (batch * FIT_IDS / sec / 1e6),
+                 "%.2fx" % (sec / ours_sec)])
+  return rows
+
+
 def bytes_per_key(dim, num_keys=2_000_000):
   """Resident-memory growth per key while a fresh process's Adagrad table
   takes `num_keys` distinct keys in 65,536-key batches (a child process, so
@@ -259,6 +367,9 @@ def main():
   ap.add_argument("--peers", nargs="*", default=["MHT", "DHT", "mod"])
   ap.add_argument("--copy-readback", action="store_true",
                   help="read results back with .numpy() (a copy), not as a view")
+  ap.add_argument("--keras-fit", action="store_true",
+                  help="time model.fit steps: SparseEmbedding against "
+                  "keras.layers.Embedding (instead of the table ops)")
   args = ap.parse_args()
   global COPY_READBACK
   COPY_READBACK = args.copy_readback
@@ -269,6 +380,19 @@ def main():
       tf.__version__, os.cpu_count(), alloc,
       "copy" if COPY_READBACK else "view", time.strftime("%Y-%m-%d %H:%M"),
       os.getloadavg()[0]))
+  if args.keras_fit:
+    for N in args.N:
+      keys_np = bench_util.zipf_batches(N, nbatches=args.nbatches)
+      for D in args.dims:
+        bench_util.print_table(
+            "Keras model.fit, %.0e ids, D %d, 4,096 examples x 16 ids a step, "
+            "%s allocator (time over ours: > 1 means ours is faster)"
+            % (N, D, alloc),
+            ["impl", "optimizer", "median/step", "examples/s", "Mkeys/s",
+             "time over ours"],
+            keras_fit_rows(keys_np, D, args.rounds))
+    print("load average at the end: %.1f" % os.getloadavg()[0])
+    return
   rows, mem_rows = [], []
   for N in args.N:
     keys_np = bench_util.zipf_batches(N, nbatches=args.nbatches)
