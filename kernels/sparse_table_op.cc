@@ -162,7 +162,9 @@ class SparseTablePullOp : public OpKernel {
 template <typename Device>
 class SparseTablePushOp : public OpKernel {
  public:
-  explicit SparseTablePushOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  explicit SparseTablePushOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("shared_grads", &shared_grads_));
+  }
 
   void Compute(OpKernelContext* ctx) override {
     tensorflow::core::RefCountPtr<SparseTable> table;
@@ -181,13 +183,24 @@ class SparseTablePushOp : public OpKernel {
                     tensorflow::DataTypeString(lr.dtype())));
     OP_REQUIRES_OK(ctx, CheckScalar("SparseTablePush", "learning_rate", lr));
     TensorShape expected = keys.shape();
+    // With shared_grads the keys of keys[..., j] share grads[..., :].
+    int64_t keys_per_grad = 1;
+    if (shared_grads_) {
+      OP_REQUIRES(ctx, keys.dims() >= 1,
+                  errors::InvalidArgument(
+                      "SparseTablePush: keys must have rank >= 1 with shared_grads, got "
+                      "shape ", keys.shape().DebugString()));
+      keys_per_grad = keys.dim_size(keys.dims() - 1);
+      expected.RemoveLastDims(1);
+    }
     OP_REQUIRES_OK(ctx, expected.AddDimWithStatus(table->dim()));
     OP_REQUIRES(ctx, grads.shape() == expected,
                 errors::InvalidArgument("SparseTablePush: grads shape ",
                                         grads.shape().DebugString(),
                                         " does not match keys shape ",
-                                        keys.shape().DebugString(), " + [dim=",
-                                        table->dim(), "]"));
+                                        keys.shape().DebugString(),
+                                        shared_grads_ ? " without its last axis" : "",
+                                        " + [dim=", table->dim(), "]"));
     const int64_t n = keys.NumElements();
     // Distinct keys are numbered with 32 bits per shard.
     OP_REQUIRES(ctx, n <= std::numeric_limits<uint32_t>::max(),
@@ -204,9 +217,12 @@ class SparseTablePushOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &step));
     OP_REQUIRES_OK(ctx, functor::SparseTablePush<Device>()(
                             ctx, table.get(), keys.flat<int64_t>().data(), n,
-                            grads.flat<float>().data(), learning_rate,
+                            grads.flat<float>().data(), keys_per_grad, learning_rate,
                             &step->scalar<int64_t>()()));
   }
+
+ private:
+  bool shared_grads_ = false;
 };
 
 // ---------------------------------------------------------------------------

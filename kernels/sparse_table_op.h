@@ -430,14 +430,16 @@ struct SparseTablePull {
                                 bool insert_missing, float* values);
 };
 
-// Advances the table's step (returned in *step), sums grads[i, :] over equal
-// keys, then applies the table's optimizer once per distinct key.
+// Advances the table's step (returned in *step), sums the gradients of
+// equal keys, then applies the table's optimizer once per distinct key. Key
+// i's gradient is grads[i / keys_per_grad, :] (keys_per_grad >= 1; 1: a row
+// per key).
 template <typename Device>
 struct SparseTablePush {
   absl::Status operator()(tensorflow::OpKernelContext* ctx,
                           sparse_table::SparseTable* table, const int64_t* keys,
-                          int64_t n, const float* grads, float learning_rate,
-                          int64_t* step);
+                          int64_t n, const float* grads, int64_t keys_per_grad,
+                          float learning_rate, int64_t* step);
 };
 
 }  // namespace functor

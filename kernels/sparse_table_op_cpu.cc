@@ -874,14 +874,21 @@ int64_t PartDedupSize(int64_t k) {
 // sum is formed in batch order: deterministic); (2) the distinct keys are
 // grouped by shard (stable); (3) each shard, under its writer lock, finds or
 // creates every distinct key's row and applies one optimizer step.
+// Key i's gradient row is grads[i / keys_per_grad] (a 32-bit division: a
+// push holds under 2^32 keys).
 template <typename Update>
 Status PushPart(SparseTable& t, const GroupedKey* e, int64_t k, int part, int part_bits,
-                const float* grads, float lr, int64_t step, PartKey* uniques, float* sums,
-                uint32_t* dedup, int64_t dedup_size, GroupedKey* entries)
-    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                const float* grads, uint32_t keys_per_grad, float lr, int64_t step,
+                PartKey* uniques, float* sums, uint32_t* dedup, int64_t dedup_size,
+                GroupedKey* entries) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const sparse_table::TableConfig& c = t.config();
   const int64_t dim = c.dim;
   const int64_t grad_bytes = dim * static_cast<int64_t>(sizeof(float));
+  auto grad_row = [&](int64_t pos) {
+    const int64_t r =
+        keys_per_grad == 1 ? pos : static_cast<uint32_t>(pos) / keys_per_grad;
+    return grads + r * dim;
+  };
   std::memset(dedup, 0, dedup_size * sizeof(uint32_t));
   const uint64_t mask = static_cast<uint64_t>(dedup_size) - 1;
   // Dedup slots and gradient rows are prefetched kBucketAhead keys ahead;
@@ -892,7 +899,7 @@ Status PushPart(SparseTable& t, const GroupedKey* e, int64_t k, int part, int pa
     const uint64_t h = KeyHash(e[j].key);
     hashes[j & (kRing - 1)] = h;
     __builtin_prefetch(&dedup[h & mask]);
-    PrefetchBytes<false>(grads + e[j].pos * dim, grad_bytes);
+    PrefetchBytes<false>(grad_row(e[j].pos), grad_bytes);
   };
   auto prefetch_sum = [&](int64_t j) {
     const uint32_t v = dedup[hashes[j & (kRing - 1)] & mask];
@@ -909,7 +916,7 @@ Status PushPart(SparseTable& t, const GroupedKey* e, int64_t k, int part, int pa
     if (j + kRowAhead < k) prefetch_sum(j + kRowAhead);
     const uint64_t h = hashes[j & (kRing - 1)];
     const int64_t key = e[j].key;
-    const float* g = grads + e[j].pos * dim;
+    const float* g = grad_row(e[j].pos);
     uint64_t slot = h & mask;
     while (true) {
       const uint32_t v = dedup[slot];
@@ -985,7 +992,7 @@ Status PushPart(SparseTable& t, const GroupedKey* e, int64_t k, int part, int pa
 
 template <typename Update>
 Status PushParts(OpKernelContext* ctx, SparseTable* table, const int64_t* keys, int64_t n,
-                 const float* grads, float lr, int64_t step) {
+                 const float* grads, uint32_t keys_per_grad, float lr, int64_t step) {
   const int64_t dim = table->dim();
   // Parts: a power of two, at most the shards, about four per thread (a
   // part holding the batch's hottest keys takes longer, and more parts
@@ -1023,7 +1030,8 @@ Status PushParts(OpKernelContext* ctx, SparseTable* table, const int64_t* keys, 
     const int64_t b = g.begin[p];
     if (g.begin[p + 1] == b) return;
     status[p] = PushPart<Update>(*table, g.entries + b, g.begin[p + 1] - b,
-                                 static_cast<int>(p), part_bits, grads, lr, step,
+                                 static_cast<int>(p), part_bits, grads, keys_per_grad,
+                                 lr, step,
                                  uniques + b, sums + b * dim, dedup + dedup_base[p],
                                  dedup_base[p + 1] - dedup_base[p], entries + b);
   };
@@ -1040,21 +1048,24 @@ Status PushParts(OpKernelContext* ctx, SparseTable* table, const int64_t* keys, 
 template <>
 Status SparseTablePush<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable* table,
                                               const int64_t* keys, int64_t n,
-                                              const float* grads, float lr,
-                                              int64_t* step_out) {
+                                              const float* grads, int64_t keys_per_grad,
+                                              float lr, int64_t* step_out) {
   const int64_t step = table->Tick();
   *step_out = step;
   if (n == 0) return Status();
+  // n > 0: keys_per_grad is in [1, n], and n < 2^32 (checked by the op).
+  const uint32_t kpg = static_cast<uint32_t>(keys_per_grad);
   using sparse_table::OptimizerKind;
   switch (table->config().optimizer) {
     case OptimizerKind::kSgd:
-      return PushParts<sparse_table::SgdUpdate>(ctx, table, keys, n, grads, lr, step);
+      return PushParts<sparse_table::SgdUpdate>(ctx, table, keys, n, grads, kpg, lr, step);
     case OptimizerKind::kAdagrad:
-      return PushParts<sparse_table::AdagradUpdate>(ctx, table, keys, n, grads, lr, step);
+      return PushParts<sparse_table::AdagradUpdate>(ctx, table, keys, n, grads, kpg, lr,
+                                                    step);
     case OptimizerKind::kAdam:
-      return PushParts<sparse_table::AdamUpdate>(ctx, table, keys, n, grads, lr, step);
+      return PushParts<sparse_table::AdamUpdate>(ctx, table, keys, n, grads, kpg, lr, step);
     case OptimizerKind::kFtrl:
-      return PushParts<sparse_table::FtrlUpdate>(ctx, table, keys, n, grads, lr, step);
+      return PushParts<sparse_table::FtrlUpdate>(ctx, table, keys, n, grads, kpg, lr, step);
   }
   return errors::Internal("SparseTablePush: unknown optimizer");
 }

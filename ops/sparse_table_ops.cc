@@ -150,12 +150,29 @@ REGISTER_OP("SparseTablePush")
     .Input("grads: float")
     .Input("learning_rate: float")
     .Output("step: int64")
+    .Attr("shared_grads: bool = false")
     .SetIsStateful()
     .SetShapeFn([](InferenceContext* c) {
       constexpr char kOp[] = "SparseTablePush";
       TF_RETURN_IF_ERROR(ValidateTableHandle(c, kOp));
       ShapeHandle unused;
-      TF_RETURN_IF_ERROR(MergeGrads(c, kOp, 1, 2, &unused));
+      bool shared_grads = false;
+      TF_RETURN_IF_ERROR(c->GetAttr("shared_grads", &shared_grads));
+      if (shared_grads) {
+        ShapeHandle keys, outer, expected;
+        TF_RETURN_IF_ERROR(Explain(c->WithRankAtLeast(c->input(1), 1, &keys), kOp,
+                                   "keys must have rank >= 1 with shared_grads"));
+        TF_RETURN_IF_ERROR(c->Subshape(keys, 0, -1, &outer));
+        TF_RETURN_IF_ERROR(c->Concatenate(
+            outer, c->Vector(InferenceContext::kUnknownDim), &expected));
+        TF_RETURN_IF_ERROR(Explain(
+            c->Merge(c->input(2), expected, &unused), kOp,
+            absl::StrCat("grads shape ", c->DebugString(c->input(2)),
+                         " does not match keys shape ", c->DebugString(keys),
+                         " without its last axis + [dim] (shared_grads)")));
+      } else {
+        TF_RETURN_IF_ERROR(MergeGrads(c, kOp, 1, 2, &unused));
+      }
       TF_RETURN_IF_ERROR(CheckRank(c, kOp, 3, "learning_rate", 0, &unused));
       c->set_output(0, c->Scalar());
       return absl::OkStatus();
@@ -168,10 +185,13 @@ distinct key's row and slots are updated once. Keys without a row get one
 first (unless admission has not let them in: their gradients are dropped).
 Advances the table's step by one.
 
-keys: Any shape.
-grads: keys.shape + [dim].
+keys: Any shape (rank >= 1 with shared_grads).
+grads: keys.shape + [dim]; with shared_grads keys.shape[:-1] + [dim].
 learning_rate: A scalar (> 0 for ftrl).
 step: The table's step after this push (1 for the first push).
+shared_grads: Whether the keys of keys[..., j] share one gradient row: the
+  key at [i..., j] takes grads[i..., :], as the ids of one example summed
+  into one embedding do, with no copy of the row per key.
 )doc");
 
 REGISTER_OP("SparseTableSize")

@@ -42,6 +42,15 @@ SPARSE_TABLE_SHAPE_ERRORS = {
         lambda: st.sparse_table_push(handle(), ph(I, [4]), ph(F, [3, 8]),
                                      ph(F, [])),
         ["SparseTablePush: grads shape [3,8] does not match keys shape [4]"]),
+    "push_shared_grads": (
+        lambda: st.sparse_table_push(handle(), ph(I, [4, 3]), ph(F, [4, 3, 8]),
+                                     ph(F, []), shared_grads=True),
+        ["SparseTablePush: grads shape [4,3,8] does not match keys shape "
+         "[4,3] without its last axis + [dim] (shared_grads)"]),
+    "push_shared_grads_scalar_keys": (
+        lambda: st.sparse_table_push(handle(), ph(I, []), ph(F, [8]),
+                                     ph(F, []), shared_grads=True),
+        ["SparseTablePush: keys must have rank >= 1 with shared_grads"]),
     "push_learning_rate": (
         lambda: st.sparse_table_push(handle(), ph(I, [4]), ph(F, [4, 8]),
                                      ph(F, [2])),
@@ -128,6 +137,17 @@ def test_sparse_table_push_kernel_message_matches_the_shape_function():
                      match=r"SparseTablePush: grads shape \[4,8\] does not "
                            r"match keys shape \[4\] \+ \[dim=16\]"):
     st.sparse_table_push(h, tf.zeros([4], tf.int64), tf.zeros([4, 8]), 0.1)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"SparseTablePush: grads shape \[4,2,16\] does not "
+                           r"match keys shape \[4,2\] without its last axis "
+                           r"\+ \[dim=16\]"):
+    st.sparse_table_push(h, tf.zeros([4, 2], tf.int64), tf.zeros([4, 2, 16]),
+                         0.1, shared_grads=True)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"SparseTablePush: keys must have rank >= 1 with "
+                           r"shared_grads, got shape \[\]"):
+    st.sparse_table_push(h, tf.zeros([], tf.int64), tf.zeros([16]), 0.1,
+                         shared_grads=True)
 
 
 @pytest.mark.skipif(shutil.which("mpicc") is None,

@@ -290,6 +290,39 @@ def test_large_push_sums_duplicates_in_batch_order_bit_exactly(mode):
   np.testing.assert_array_equal(w1, expected)
 
 
+@pytest.mark.parametrize("opt", sparse_table.OPTIMIZERS)
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_push_with_shared_grads_equals_a_row_per_key(opt, mode):
+  """shared_grads: the keys of keys[i, j, :] all take grads[i, j]; the
+  table ends bit for bit as after a push of that row copied for every key
+  (same sums in the same order), for every optimizer, with the batch big
+  enough for several parts and a width with a vector part and a tail."""
+  dim = 11
+  rng = np.random.default_rng(9)
+  keys = (np.minimum(rng.zipf(1.3, size=(300, 4, 30)), 3000).astype(np.int64)
+          * np.int64(0x9E3779B97F4A7C1))
+  shared = rng.normal(size=(300, 4, dim)).astype(np.float32)
+  copied = np.repeat(shared[:, :, np.newaxis, :], 30, axis=2)
+  results = []
+  for grads, flag in ((shared, True), (copied, False)):
+    t = table(dim=dim, optimizer=opt, seed=3, num_shards=16)
+    push = tf.function(t.push) if mode == "function" else t.push
+    for lr in (0.1, 0.05):
+      step = push(tf.constant(keys), tf.constant(grads), lr, shared_grads=flag)
+    assert int(step) == 2
+    results.append(snapshot(t))
+  for a, b in zip(*results):
+    np.testing.assert_array_equal(a, b)
+  # One key per row, and no keys at all.
+  t = table(dim=2, optimizer="sgd", initializer="zeros")
+  t.push([[5], [6], [5]], [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], 1.0,
+         shared_grads=True)
+  np.testing.assert_array_equal(snapshot(t)[1], [[-6.0, -8.0], [-3.0, -4.0]])
+  step = t.push(tf.zeros([3, 0], tf.int64), tf.zeros([3, 2]), 1.0,
+                shared_grads=True)
+  assert int(step) == 2 and int(t.size()) == 2
+
+
 def test_push_creates_missing_rows_from_their_initial_value():
   t = table(dim=3, optimizer="sgd", seed=8)
   init = table(dim=3, seed=8).pull([42]).numpy()

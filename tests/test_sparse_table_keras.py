@@ -95,6 +95,57 @@ def test_tape_gradient_pushes_exactly(mode):
   assert float(layer.push_trigger.numpy()) == 0.0
 
 
+@pytest.mark.parametrize("combiner", ["sum", "mean"])
+@pytest.mark.parametrize("with_transform", [False, True])
+def test_combiner_pushes_as_the_rows_reduced_after_the_pull(combiner,
+                                                            with_transform):
+  """embedding_lookup(..., combiner=) pushes one gradient row per example
+  (shared_grads) and leaves the table bit for bit as a lookup of every
+  key's row reduced afterwards (whose gradient copies the example's row to
+  each key); a push_transform still sees every key's own row."""
+  rng = np.random.default_rng(3)
+  ids = tf.constant(rng.integers(0, 40, size=(64, 5)), tf.int64)
+  C = tf.constant(rng.normal(size=(64, 3)).astype(np.float32))
+
+  def train(fused):
+    seen = []
+
+    def transform(keys, grads):
+      seen.append((keys, grads))
+      return keys, grads * 2.0
+
+    t = hpc_ops.SparseTable(3, optimizer="adagrad", seed=1,
+                            push_transform=transform if with_transform else None)
+    trigger = tf.Variable(0.0)
+
+    @tf.function
+    def step():
+      with tf.GradientTape() as tape:
+        if fused:
+          out = sparse_table.embedding_lookup(t, ids, trigger, combiner=combiner)
+        else:
+          rows = sparse_table.embedding_lookup(t, ids, trigger)
+          out = (tf.reduce_sum if combiner == "sum" else tf.reduce_mean)(
+              rows, axis=1)
+        loss = tf.reduce_sum(out * C)
+      return tape.gradient(loss, trigger)
+
+    step()
+    pushes = [op for op in step.get_concrete_function().graph.get_operations()
+              if op.type == "SparseTablePush"]
+    flags = {op.get_attr("shared_grads") for op in pushes}
+    return sorted_export(t.export()), flags, [tuple(x.shape) for x, _ in seen]
+
+  (fused, fused_flags, fused_seen), (ref, ref_flags, ref_seen) = (
+      train(True), train(False))
+  for a, b in zip(fused, ref):
+    np.testing.assert_array_equal(a, b)
+  assert ref_flags == {False}
+  assert fused_flags == {not with_transform}
+  assert fused_seen == ref_seen  # traced once each, on the distinct keys
+  assert len(fused[0]) == len(np.unique(ids.numpy())) and int(fused[4]) == 1
+
+
 @pytest.mark.parametrize("mode", ["eager", "function"])
 @pytest.mark.parametrize("scale", [1.0, 1024.0, 3.0, 0.25])
 def test_loss_scaling_pushes_the_unscaled_gradient(mode, scale):

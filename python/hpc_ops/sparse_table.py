@@ -223,16 +223,21 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
         self.resource_handle, keys, dim=self._dim,
         insert_missing=insert_missing, name=name)
 
-  def push(self, keys, grads, learning_rate=None, name=None):
+  def push(self, keys, grads, learning_rate=None, shared_grads=False,
+           name=None):
     """One optimizer step: grads (keys.shape + [dim]) of equal keys are
     summed, then every distinct key's row and slots are updated once.
+    shared_grads=True: grads is keys.shape[:-1] + [dim], one row for the
+    keys of each keys[..., :] (the ids of an example summed into one
+    embedding), used for each of them without copies.
     Returns the table's step after this push (int64 scalar)."""
     keys = _as_int64(keys, "keys")
     grads = tf.convert_to_tensor(grads, tf.float32)
     lr = self.learning_rate if learning_rate is None else tf.cast(
         learning_rate, tf.float32)
     return gen_sparse_table_ops.sparse_table_push(
-        self.resource_handle, keys, grads, lr, name=name)
+        self.resource_handle, keys, grads, lr, shared_grads=shared_grads,
+        name=name)
 
   def size(self, name=None):
     """The number of rows (int64 scalar)."""
@@ -335,22 +340,35 @@ def unique_grads(keys, grads, name=None):
 
 
 def embedding_lookup(table, keys, trigger, insert_missing=True,
-                     learning_rate=None):
+                     learning_rate=None, combiner=None):
   """Differentiable pull whose gradient trains the table.
 
-  Returns table.pull(keys) (keys.shape + [dim]). `trigger` must be a
-  trainable scalar variable that the caller differentiates (a tape only runs
-  gradient functions on paths that reach a watched variable): when the
-  gradient with respect to `trigger` is computed, the gradient of the loss
-  with respect to the pulled rows is pushed into the table (through
-  table.push_transform when set) and `trigger` gets a zero gradient. Each
-  gradient computation pushes once.
+  Returns table.pull(keys) (keys.shape + [dim]), or with combiner "sum" or
+  "mean" the rows of the last axis of keys summed or averaged
+  (keys.shape[:-1] + [dim]). `trigger` must be a trainable scalar variable
+  that the caller differentiates (a tape only runs gradient functions on
+  paths that reach a watched variable): when the gradient with respect to
+  `trigger` is computed, the gradient of the loss with respect to the
+  pulled rows is pushed into the table (through table.push_transform when
+  set) and `trigger` gets a zero gradient. Each gradient computation pushes
+  once. With a combiner the push takes one gradient row per combined row
+  (shared_grads), not a copy for each key.
   """
   return _lookup(table, keys, trigger, insert_missing, learning_rate,
-                 with_probe=False)
+                 with_probe=False, combiner=combiner)
 
 
-def _lookup(table, keys, trigger, insert_missing, learning_rate, with_probe):
+def _combine(rows, combiner):
+  """rows [..., n, dim] summed or averaged over n (combiner None: as is)."""
+  if combiner == "sum":
+    return tf.reduce_sum(rows, axis=-2)
+  if combiner == "mean":
+    return tf.reduce_mean(rows, axis=-2)
+  return rows
+
+
+def _lookup(table, keys, trigger, insert_missing, learning_rate, with_probe,
+            combiner=None):
   """embedding_lookup; with_probe=True returns (rows, probe) instead.
 
   The probe is a float32 zero meant to be added to the loss (SparseEmbedding
@@ -366,6 +384,14 @@ def _lookup(table, keys, trigger, insert_missing, learning_rate, with_probe):
   """
   keys = _as_int64(keys, "keys")
   dim = table.dim
+  if combiner not in (None, "sum", "mean"):
+    raise ValueError("embedding_lookup: combiner must be None, 'sum' or "
+                     "'mean', got %r" % (combiner,))
+  if combiner is not None and keys.shape.rank == 0:
+    raise ValueError("embedding_lookup: a combiner needs keys of rank >= 1")
+  # With a combiner and no push_transform, the push takes one gradient row
+  # per combined row (shared_grads); push_transform sees the keys' own rows.
+  shared = combiner is not None and table.push_transform is None
 
   def transformed(push_keys, push_grads):
     if table.push_transform is not None:
@@ -373,7 +399,20 @@ def _lookup(table, keys, trigger, insert_missing, learning_rate, with_probe):
       push_keys, push_grads = table.push_transform(push_keys, push_grads)
     return push_keys, push_grads
 
+  def push(push_keys, push_grads):
+    return table.push(push_keys, push_grads, learning_rate,
+                      shared_grads=shared)
+
   def flat_grads(dy):
+    if combiner is not None:
+      dy = tf.cast(tf.convert_to_tensor(dy), tf.float32)
+      per_key = tf.shape(keys)[-1]
+      if combiner == "mean":
+        dy = dy / tf.cast(tf.maximum(per_key, 1), tf.float32)
+      if shared:
+        return (tf.reshape(keys, [-1, per_key]), tf.reshape(dy, [-1, dim]))
+      dy = tf.broadcast_to(dy[..., tf.newaxis, :],
+                           tf.concat([tf.shape(keys), [dim]], 0))
     if isinstance(dy, tf.IndexedSlices):
       push_keys = tf.gather(keys, dy.indices)
       push_grads = dy.values
@@ -391,13 +430,14 @@ def _lookup(table, keys, trigger, insert_missing, learning_rate, with_probe):
 
   @tf.custom_gradient
   def _rows(trigger_value):
-    values = table.pull(keys, insert_missing=insert_missing)
+    values = _combine(table.pull(keys, insert_missing=insert_missing),
+                      combiner)
 
     def grad(dy, dprobe=None):  # dprobe: only with the probe as an output
       push_keys, push_grads = flat_grads(dy)
 
       def as_is():
-        return table.push(*transformed(push_keys, push_grads), learning_rate)
+        return push(*transformed(push_keys, push_grads))
 
       if dprobe is None:
         return zero_like_trigger(as_is(), trigger_value)
@@ -406,7 +446,7 @@ def _lookup(table, keys, trigger, insert_missing, learning_rate, with_probe):
       def unscaled():
         k, g = transformed(push_keys, push_grads / scale)
         finite = tf.reduce_all(tf.math.is_finite(g))
-        step = tf.cond(finite, lambda: table.push(k, g, learning_rate),
+        step = tf.cond(finite, lambda: push(k, g),
                        lambda: tf.ones([], tf.int64))
         return step, tf.where(finite, 0.0, float("nan"))
 
@@ -593,17 +633,18 @@ class SparseEmbedding(keras.layers.Layer):
         name="push_trigger", shape=(), initializer="zeros", trainable=True)
     self.built = True
 
-  def _rows(self, ids, training):
+  def _rows(self, ids, training, combiner=None):
+    """The rows of ids, or their sum / mean over the last axis of ids."""
     if not training:
-      return embedding_lookup(self.table, ids, self.push_trigger,
-                              insert_missing=False)
+      return _combine(embedding_lookup(self.table, ids, self.push_trigger,
+                                       insert_missing=False), combiner)
     # The probe joins the loss through add_loss (a zero), so that the push
     # learns a loss-scale optimizer's scale (see _lookup). Keras (like
     # tf.nn.scale_regularization_loss) divides added losses by the number
     # of replicas of a tf.distribute strategy: multiplied back here.
     rows, probe = _lookup(self.table, ids, self.push_trigger,
                           insert_missing=True, learning_rate=None,
-                          with_probe=True)
+                          with_probe=True, combiner=combiner)
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     self.add_loss(probe * float(replicas) if replicas > 1 else probe)
     return rows
@@ -624,11 +665,7 @@ class SparseEmbedding(keras.layers.Layer):
     ids = self._int64_ids(tf.convert_to_tensor(inputs))
     if self.combiner is not None and ids.shape.rank == 1:
       ids = ids[:, tf.newaxis]
-    emb = self._rows(ids, training)
-    if self.combiner == "sum":
-      emb = tf.reduce_sum(emb, axis=-2)
-    elif self.combiner == "mean":
-      emb = tf.reduce_mean(emb, axis=-2)
+    emb = self._rows(ids, training, self.combiner)
     return tf.cast(emb, self.compute_dtype)
 
   def compute_output_shape(self, input_shape):

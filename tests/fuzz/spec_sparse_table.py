@@ -48,8 +48,11 @@ def _handle(draw):
   return draw(st.sampled_from(_TABLES))
 
 
-def _grads_like(draw, keys, dim):
-  shape = tuple(int(d) for d in getattr(keys, "shape", ())) + (dim,)
+def _grads_like(draw, keys, dim, shared=False):
+  """Gradients for keys: right (keys.shape + (dim,), or without keys' last
+  axis when shared), one off, or anything."""
+  shape = tuple(int(d) for d in getattr(keys, "shape", ()))
+  shape = (shape[:-1] if shared else shape) + (dim,)
   pick = draw(st.integers(0, 3))
   if pick == 1:  # one off in the last or the first dimension
     i = draw(st.sampled_from([0, len(shape) - 1]))
@@ -97,11 +100,12 @@ def _pull_case(draw):
 def _push_case(draw):
   h, dim, _, _ = draw(_handle())
   keys = draw(st.one_of(strategies.ids(), strategies.ids(), strategies.arrays()))
-  grads = _grads_like(draw, keys, dim)
+  shared = draw(st.booleans())
+  grads = _grads_like(draw, keys, dim, shared)
   lr = draw(st.one_of(
       st.sampled_from([0.1, 0.0, -1.0, np.nan, np.inf]).map(np.float32),
       strategies.arrays(dtypes=[np.float32])))
-  return [h, keys, grads, lr], ()
+  return [h, keys, grads, lr], ("shared_grads", shared)
 
 
 @st.composite
