@@ -487,9 +487,11 @@ class _TableContents(keras.layers.Layer):
     # What a layer on the table writes as its mark (_STORED_APART): the same
     # number for every layer on one table, another for every other table.
     self.mark = next(_table_marks)
-    self.expected = False  # set by a layer that stored its table apart
-    self.pending_mark = None  # the mark of the layer loaded last
-    self.loaded_mark = None  # that of the layer whose contents were loaded
+    # The saved mark of the layer on the table loaded last (None: it stored
+    # no mark, the earlier forms), and that of the layer whose contents
+    # were loaded.
+    self.pending_mark = None
+    self.loaded_mark = None
     self.built = True
 
   def save_own_variables(self, store):
@@ -504,7 +506,7 @@ class _TableContents(keras.layers.Layer):
     self.loaded_mark = self.pending_mark
     table = {name: tf.constant(store[name]) for name in store.keys()}
     if not table:
-      if self.expected:
+      if self.pending_mark is not None:  # its layer stored the table apart
         raise ValueError(
             "SparseEmbedding table %r: the saved weights keep its contents "
             "with another layer that shared the table when it was saved; "
@@ -528,12 +530,13 @@ class _TableCheck(keras.layers.Layer):
   layer's `_table_contents`, so the shared contents have been loaded by
   then, with this layer or an earlier one on the table. Weights saved from
   layers with a table each, loaded into layers that share one, would
-  otherwise load the first layer's table and skip the others."""
+  otherwise load the first layer's table and skip the others. No other
+  layer loads in between, so the contents' pending mark is still this
+  layer's."""
 
   def __init__(self, layer):
     super().__init__()
     self._layer = weakref.ref(layer)
-    self.mark = None  # the layer's saved mark, set as the layer loads
     self.built = True
 
   def save_own_variables(self, store):
@@ -541,8 +544,8 @@ class _TableCheck(keras.layers.Layer):
 
   def load_own_variables(self, store):
     layer = self._layer()
-    loaded, mark = layer._table_contents.loaded_mark, self.mark
-    self.mark = None
+    contents = layer._table_contents
+    loaded, mark = contents.loaded_mark, contents.pending_mark
     # Mark 1: weights saved before marks told tables apart.
     if mark is None or loaded is None or 1 in (mark, loaded):
       return
@@ -560,10 +563,12 @@ _contents = weakref.WeakKeyDictionary()  # SparseTable -> _TableContents
 _checks = weakref.WeakKeyDictionary()  # SparseEmbedding -> _TableCheck
 
 
-def _contents_of(table):
-  if table not in _contents:
-    _contents[table] = _TableContents(table)
-  return _contents[table]
+def _one_per(registry, owner, make):
+  """registry[owner], made by make(owner) on first use (made once: Keras
+  tells saveables apart by id)."""
+  if owner not in registry:
+    registry[owner] = make(owner)
+  return registry[owner]
 
 
 @keras.saving.register_keras_serializable(package="hpc_ops")
@@ -636,8 +641,8 @@ class SparseEmbedding(keras.layers.Layer):
   def _rows(self, ids, training, combiner=None):
     """The rows of ids, or their sum / mean over the last axis of ids."""
     if not training:
-      return _combine(embedding_lookup(self.table, ids, self.push_trigger,
-                                       insert_missing=False), combiner)
+      return embedding_lookup(self.table, ids, self.push_trigger,
+                              insert_missing=False, combiner=combiner)
     # The probe joins the loss through add_loss (a zero), so that the push
     # learns a loss-scale optimizer's scale (see _lookup). Keras (like
     # tf.nn.scale_regularization_loss) divides added losses by the number
@@ -701,14 +706,12 @@ class SparseEmbedding(keras.layers.Layer):
   @property
   def _table_contents(self):
     """What Keras's formats store of the table (see _TableContents)."""
-    return _contents_of(self.table)
+    return _one_per(_contents, self.table, _TableContents)
 
   @property
   def _table_contents_check(self):
     """Reached after _table_contents as Keras loads (see _TableCheck)."""
-    if self not in _checks:
-      _checks[self] = _TableCheck(self)
-    return _checks[self]
+    return _one_per(_checks, self, _TableCheck)
 
   def save_own_variables(self, store):
     """Keras's formats: the layer's weight as Keras stores it ("0") and a
@@ -724,10 +727,8 @@ class SparseEmbedding(keras.layers.Layer):
     own = {n: store[n] for n in names if not n.startswith(_TABLE_ENTRY)}
     super().load_own_variables(own)
     apart = _STORED_APART in names
-    contents = self._table_contents
-    contents.expected = apart
-    contents.pending_mark = int(store[_STORED_APART]) if apart else None
-    self._table_contents_check.mark = contents.pending_mark
+    self._table_contents.pending_mark = (
+        int(store[_STORED_APART]) if apart else None)
     table = {n[len(_TABLE_ENTRY):]: tf.constant(store[n]) for n in names
              if n.startswith(_TABLE_ENTRY) and n != _STORED_APART}
     if table:
