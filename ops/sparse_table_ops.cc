@@ -44,18 +44,28 @@ absl::Status ValidateTableHandle(InferenceContext* c, const char* op) {
                               c->DebugString(c->input(0))));
 }
 
-// grads (input `grads_index`) must be keys.shape + [dim].
+// grads (input `grads_index`) must be keys.shape + [dim]; with
+// `shared_grads` (a row shared by the keys of keys[..., :]) keys.shape[:-1]
+// + [dim].
 absl::Status MergeGrads(InferenceContext* c, const char* op, int keys_index,
-                        int grads_index, ShapeHandle* grads) {
+                        int grads_index, ShapeHandle* grads,
+                        bool shared_grads = false) {
+  ShapeHandle keys = c->input(keys_index);
+  if (shared_grads) {
+    TF_RETURN_IF_ERROR(Explain(c->WithRankAtLeast(keys, 1, &keys), op,
+                               "keys must have rank >= 1 with shared_grads"));
+    TF_RETURN_IF_ERROR(c->Subshape(keys, 0, -1, &keys));
+  }
   ShapeHandle expected;
-  TF_RETURN_IF_ERROR(c->Concatenate(c->input(keys_index),
-                                    c->Vector(InferenceContext::kUnknownDim),
-                                    &expected));
+  TF_RETURN_IF_ERROR(c->Concatenate(
+      keys, c->Vector(InferenceContext::kUnknownDim), &expected));
   return Explain(
       c->Merge(c->input(grads_index), expected, grads), op,
       absl::StrCat("grads shape ", c->DebugString(c->input(grads_index)),
                    " does not match keys shape ",
-                   c->DebugString(c->input(keys_index)), " + [dim]"));
+                   c->DebugString(c->input(keys_index)),
+                   shared_grads ? " without its last axis + [dim] (shared_grads)"
+                                : " + [dim]"));
 }
 
 }  // namespace
@@ -158,21 +168,7 @@ REGISTER_OP("SparseTablePush")
       ShapeHandle unused;
       bool shared_grads = false;
       TF_RETURN_IF_ERROR(c->GetAttr("shared_grads", &shared_grads));
-      if (shared_grads) {
-        ShapeHandle keys, outer, expected;
-        TF_RETURN_IF_ERROR(Explain(c->WithRankAtLeast(c->input(1), 1, &keys), kOp,
-                                   "keys must have rank >= 1 with shared_grads"));
-        TF_RETURN_IF_ERROR(c->Subshape(keys, 0, -1, &outer));
-        TF_RETURN_IF_ERROR(c->Concatenate(
-            outer, c->Vector(InferenceContext::kUnknownDim), &expected));
-        TF_RETURN_IF_ERROR(Explain(
-            c->Merge(c->input(2), expected, &unused), kOp,
-            absl::StrCat("grads shape ", c->DebugString(c->input(2)),
-                         " does not match keys shape ", c->DebugString(keys),
-                         " without its last axis + [dim] (shared_grads)")));
-      } else {
-        TF_RETURN_IF_ERROR(MergeGrads(c, kOp, 1, 2, &unused));
-      }
+      TF_RETURN_IF_ERROR(MergeGrads(c, kOp, 1, 2, &unused, shared_grads));
       TF_RETURN_IF_ERROR(CheckRank(c, kOp, 3, "learning_rate", 0, &unused));
       c->set_output(0, c->Scalar());
       return absl::OkStatus();
