@@ -141,21 +141,27 @@ def time_interleaved(fns, batches, rounds, warm=2):
     for i in range(warm):
       _block(fns[name](*_args(batches, i, k)))
   times = {name: [] for name in names}
+  for name in _taking_turns(names, rounds):
+    fn = fns[name]
+    k = getattr(fn, "per_call", 1)
+    for i in range(0, len(batches), max(1, k // 2)):
+      args = _args(batches, i, k)
+      t0 = time.perf_counter()
+      _block(fn(*args))
+      times[name].append((time.perf_counter() - t0) / k)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def _taking_turns(names, rounds):
+  """The names, `rounds` times over, the order rotated from round to round,
+  with Python's garbage collector paused until the last."""
   gc.collect()
   gc.disable()
   try:
     for r in range(rounds):
-      for name in names[r % len(names):] + names[:r % len(names)]:
-        fn = fns[name]
-        k = getattr(fn, "per_call", 1)
-        for i in range(0, len(batches), max(1, k // 2)):
-          args = _args(batches, i, k)
-          t0 = time.perf_counter()
-          _block(fn(*args))
-          times[name].append((time.perf_counter() - t0) / k)
+      yield from names[r % len(names):] + names[:r % len(names)]
   finally:
     gc.enable()
-  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 COPY_READBACK = False  # --copy-readback
@@ -309,16 +315,10 @@ def keras_fit_rows(keys_np, dim, rounds):
   for model, xs, _ in variants.values():  # traces, and the table's rows
     model.fit(xs, y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
   names = list(variants)
-  gc.collect()
-  gc.disable()
-  try:
-    for r in range(rounds):
-      for name in names[r % len(names):] + names[:r % len(names)]:
-        model, xs, _ = variants[name]
-        model.fit(xs, y, batch_size=batch, epochs=1, verbose=0, shuffle=False,
-                  callbacks=[times[name]])
-  finally:
-    gc.enable()
+  for name in _taking_turns(names, rounds):
+    model, xs, _ = variants[name]
+    model.fit(xs, y, batch_size=batch, epochs=1, verbose=0, shuffle=False,
+              callbacks=[times[name]])
   for _, _, check in variants.values():
     check()
   ours_sec = float(np.median(times[names[0]].times))
