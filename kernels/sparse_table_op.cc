@@ -127,9 +127,19 @@ class SparseTablePullOp : public OpKernel {
   explicit SparseTablePullOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("dim", &dim_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("insert_missing", &insert_missing_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("combiner", &combiner_name_));
     OP_REQUIRES(ctx, dim_ >= 1 && dim_ <= TableConfig::kMaxDim,
                 errors::InvalidArgument("SparseTablePull: attr dim=", dim_,
                                         " must be in [1, ", TableConfig::kMaxDim, "]"));
+    if (combiner_name_ == "sum") {
+      combiner_ = functor::PullCombiner::kSum;
+    } else if (combiner_name_ == "mean") {
+      combiner_ = functor::PullCombiner::kMean;
+    } else {
+      OP_REQUIRES(ctx, combiner_name_ == "none",
+                  errors::InvalidArgument("SparseTablePull: attr combiner='", combiner_name_,
+                                          "' must be 'none', 'sum' or 'mean'"));
+    }
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -142,20 +152,36 @@ class SparseTablePullOp : public OpKernel {
     OP_REQUIRES(ctx, table->dim() == dim_,
                 errors::InvalidArgument("SparseTablePull: attr dim=", dim_,
                                         " does not match the table's dim ", table->dim()));
+    const bool combine = combiner_ != functor::PullCombiner::kNone;
     TensorShape out_shape = keys.shape();
+    int64_t keys_per_row = 1;
+    if (combine) {
+      OP_REQUIRES(ctx, keys.dims() >= 1,
+                  errors::InvalidArgument("SparseTablePull: combiner '", combiner_name_,
+                                          "' needs keys of rank >= 1 (their last axis is "
+                                          "combined), got a scalar"));
+      keys_per_row = keys.dim_size(keys.dims() - 1);
+      OP_REQUIRES_OK(ctx, out_shape.RemoveLastDimsWithStatus(1));
+    }
     OP_REQUIRES_OK(ctx, out_shape.AddDimWithStatus(dim_));
     Tensor* values = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, out_shape, &values));
     const int64_t n = keys.NumElements();
-    if (n == 0) return;
+    if (n == 0) {
+      // Combining an empty last axis: rows of zeros (for the mean too).
+      if (values->NumElements() > 0) values->flat<float>().setZero();
+      return;
+    }
     OP_REQUIRES_OK(ctx, functor::SparseTablePull<Device>()(
-                            ctx, table.get(), keys.flat<int64_t>().data(), n,
-                            insert_missing_, values->flat<float>().data()));
+                            ctx, table.get(), keys.flat<int64_t>().data(), n, insert_missing_,
+                            combiner_, keys_per_row, values->flat<float>().data()));
   }
 
  private:
   int64_t dim_;
   bool insert_missing_;
+  std::string combiner_name_;
+  functor::PullCombiner combiner_ = functor::PullCombiner::kNone;
 };
 
 // ---------------------------------------------------------------------------

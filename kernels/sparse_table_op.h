@@ -420,14 +420,22 @@ inline void GroupKeysByShard(tensorflow::OpKernelContext* ctx, const SparseTable
 
 namespace functor {
 
+// How a pull gives its rows: one per key (kNone), or one per group of
+// `keys_per_row` consecutive keys (the last axis of keys), their rows'
+// sum (kSum) or mean (kMean).
+enum class PullCombiner { kNone, kSum, kMean };
+
 // values[i, :] = row of keys[i]; missing keys get a new row (insert_missing,
-// subject to admission) or read their initial value.
+// subject to admission) or read their initial value. With a combiner,
+// values[r, :] = the sum (or mean) of the rows of keys[r * keys_per_row, (r
+// + 1) * keys_per_row), added in key order; n is a multiple of keys_per_row
+// (>= 1).
 template <typename Device>
 struct SparseTablePull {
   absl::Status operator()(tensorflow::OpKernelContext* ctx,
-                                sparse_table::SparseTable* table,
-                                const int64_t* keys, int64_t n,
-                                bool insert_missing, float* values);
+                          sparse_table::SparseTable* table, const int64_t* keys,
+                          int64_t n, bool insert_missing, PullCombiner combiner,
+                          int64_t keys_per_row, float* values);
 };
 
 // Advances the table's step (returned in *step), sums the gradients of

@@ -14,6 +14,9 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <type_traits>
+#include <vector>
 
 #if defined(__AVX__)
 #include <immintrin.h>
@@ -572,6 +575,17 @@ inline void CopyFloats(float* dst, const float* src, int64_t n) {
   for (; j < n; ++j) dst[j] = src[j];
 }
 
+// dst[0, n) += src[0, n), one add per column (the same result at any width).
+inline void AddFloats(float* dst, const float* src, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX__)
+  for (; j + 8 <= n; j += 8) {
+    _mm256_storeu_ps(dst + j, _mm256_add_ps(_mm256_loadu_ps(dst + j), _mm256_loadu_ps(src + j)));
+  }
+#endif
+  for (; j < n; ++j) dst[j] += src[j];
+}
+
 // A pull whose output is at least this large writes it with streaming
 // (non-temporal) stores: such an output does not stay in the caches for its
 // consumer anyway, and ordinary stores would first read every output line
@@ -612,15 +626,90 @@ inline void StoreFence() {
 #endif
 }
 
-// Reads the rows of keys[begin, end) that exist into out (batch order) and
-// stores the batch positions of the others in misses[0, m), returning m. The
-// caller holds every shard's reader lock. Without `insert_missing` a missing
-// key reads its initial value at once and is not counted. kStream: rows are
-// written with StreamFloats (see StreamPullOutput). kDim: the table's dim,
-// or 0 for a dim known only at run time.
+// Where PullPresent puts the rows it reads, for a table of dim kDim (0: a
+// dim known only at run time). RowPerKey writes key i's row to row i of the
+// output (kStream: with StreamFloats, see StreamPullOutput).
 template <int kDim, bool kStream>
+class RowPerKey {
+ public:
+  RowPerKey(float* out, int64_t dim) : out_(out), dim_(dim) {}
+  void Row(int64_t i, const float* src) {
+    if (kStream) {
+      StreamFloats(out_ + i * dim(), src, dim());
+    } else {
+      CopyFloats(out_ + i * dim(), src, dim());
+    }
+  }
+  void Initial(const sparse_table::TableConfig& c, int64_t i, int64_t key) {
+    sparse_table::InitialValues(c, key, out_ + i * dim());
+  }
+  void Missing(int64_t) {}
+  void Done() {
+    if (kStream) StoreFence();
+  }
+
+ private:
+  int64_t dim() const { return kDim > 0 ? kDim : dim_; }
+  float* const out_;
+  const int64_t dim_;
+};
+
+// SumPerRow sums the rows of every `per_row` consecutive keys, in key order,
+// into one output row (`out` is the row of the first key's group, which
+// must start a group), and divides the sum by per_row for a mean, as
+// reduce_sum / reduce_mean over the keys' last axis do. A group with a
+// missing key gets an unfinished row: the caller reads it again once the
+// key has its row.
+template <int kDim>
+class SumPerRow {
+ public:
+  SumPerRow(float* out, int64_t dim, int64_t per_row, bool mean)
+      : row_(out), dim_(dim), per_row_(per_row), mean_(mean) {}
+  void Row(int64_t, const float* src) { Add(src); }
+  void Initial(const sparse_table::TableConfig& c, int64_t, int64_t key) {
+    if (initial_ == nullptr) initial_ = std::make_unique<float[]>(dim());
+    sparse_table::InitialValues(c, key, initial_.get());
+    Add(initial_.get());
+  }
+  void Missing(int64_t) { Next(); }
+  void Done() {}
+
+ private:
+  int64_t dim() const { return kDim > 0 ? kDim : dim_; }
+  void Add(const float* src) {
+    if (j_ == 0) {
+      CopyFloats(row_, src, dim());
+    } else {
+      AddFloats(row_, src, dim());
+    }
+    Next();
+  }
+  void Next() {
+    if (++j_ < per_row_) return;
+    if (mean_) {
+      const float count = static_cast<float>(per_row_);
+      for (int64_t k = 0; k < dim(); ++k) row_[k] /= count;
+    }
+    row_ += dim();
+    j_ = 0;
+  }
+  float* row_;
+  const int64_t dim_;
+  const int64_t per_row_;
+  const bool mean_;
+  int64_t j_ = 0;
+  std::unique_ptr<float[]> initial_;  // a missing key's initial value (serving)
+};
+
+// Reads the rows of keys[begin, end) that exist into `out` (a RowPerKey or a
+// SumPerRow, in batch order) and stores the batch positions of the others
+// in misses[0, m), returning m. The caller holds every shard's reader lock.
+// Without `insert_missing` a missing key reads its initial value at once
+// and is not counted. kDim: the table's dim, or 0 for a dim known only at
+// run time.
+template <int kDim, typename Out>
 int64_t PullPresent(SparseTable& t, const int64_t* keys, int64_t begin, int64_t end,
-                    bool insert_missing, float* out, int64_t* misses)
+                    bool insert_missing, Out& out, int64_t* misses)
     ABSL_NO_THREAD_SAFETY_ANALYSIS {
   constexpr int64_t kPullBucketAhead = PullBucketAhead<kDim>();
   constexpr int64_t kPullRowAhead = PullRowAhead<kDim>();
@@ -661,16 +750,12 @@ int64_t PullPresent(SparseTable& t, const int64_t* keys, int64_t begin, int64_t 
       row = FindRowSlow(*shards[i & (kPullRing - 1)], hashes[i & (kPullRing - 1)], keys[i]);
     }
     if (row != nullptr) {
-      const float* src = reinterpret_cast<const float*>(row + value_offset);
-      if (kStream) {
-        StreamFloats(out + i * dim, src, dim);
-      } else {
-        CopyFloats(out + i * dim, src, dim);
-      }
+      out.Row(i, reinterpret_cast<const float*>(row + value_offset));
     } else if (insert_missing) {
       misses[m++] = i;
+      out.Missing(i);
     } else {
-      sparse_table::InitialValues(c, keys[i], out + i * dim);
+      out.Initial(c, i, keys[i]);
     }
   };
   // The loop without its last kPullBucketAhead keys runs both stages
@@ -686,29 +771,29 @@ int64_t PullPresent(SparseTable& t, const int64_t* keys, int64_t begin, int64_t 
     if (i + kPullRowAhead < end) row_stage(i + kPullRowAhead);
     read(i);
   }
-  if (kStream) StoreFence();
+  out.Done();
   return m;
 }
 
-// PullPresent for a table's dim and output: compiled for the common widths
-// (the row copy and the output offsets then have a fixed size: 1.07-1.10x
-// faster kernels at dim 8 and 16 in an in-process A/B), else for any width.
-using PullPresentFn = int64_t (*)(SparseTable&, const int64_t*, int64_t, int64_t, bool, float*,
-                                  int64_t*);
-template <bool kStream>
-PullPresentFn PullPresentFor(int64_t dim) {
+// fn(std::integral_constant<int, kDim>()) for a table's dim: loops are
+// compiled for the common widths (the row copy and the output offsets then
+// have a fixed size: 1.07-1.10x faster pull kernels at dim 8 and 16 in an
+// in-process A/B), with kDim 0 for any other width.
+template <typename Fn>
+auto WithDim(int64_t dim, Fn fn) {
   switch (dim) {
-    case 8: return &PullPresent<8, kStream>;
-    case 16: return &PullPresent<16, kStream>;
-    case 32: return &PullPresent<32, kStream>;
-    case 64: return &PullPresent<64, kStream>;
-    default: return &PullPresent<0, kStream>;
+    case 8: return fn(std::integral_constant<int, 8>());
+    case 16: return fn(std::integral_constant<int, 16>());
+    case 32: return fn(std::integral_constant<int, 32>());
+    case 64: return fn(std::integral_constant<int, 64>());
+    default: return fn(std::integral_constant<int, 0>());
   }
 }
 
-// Creates the rows of one shard's missing keys (subject to admission) and
-// reads them into out, under the shard's writer lock. A key may have been
-// inserted meanwhile (or earlier in this batch): then its row is read.
+// Creates the rows of one shard's missing keys (subject to admission) and,
+// unless `out` is null, reads them into out, under the shard's writer lock.
+// A key may have been inserted meanwhile (or earlier in this batch): then
+// its row is read.
 Status InsertMissing(SparseTable& t, Shard& sh, const GroupedKey* e, int64_t k,
                      int64_t step, float* out) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const sparse_table::TableConfig& c = t.config();
@@ -719,15 +804,15 @@ Status InsertMissing(SparseTable& t, Shard& sh, const GroupedKey* e, int64_t k,
   for (int64_t i = 0; i < k; ++i) {
     const int64_t key = e[i].key;
     const uint64_t h = KeyHash(key);
-    float* dst = out + e[i].pos * dim;
+    float* dst = out == nullptr ? nullptr : out + e[i].pos * dim;
     int64_t r = sh.index.Find(h, key, sh.arena);
     if (r >= 0) {
-      CopyFloats(dst, reinterpret_cast<const float*>(sh.arena.Row(r) + value_offset), dim);
+      if (dst) CopyFloats(dst, reinterpret_cast<const float*>(sh.arena.Row(r) + value_offset), dim);
       continue;
     }
     if (admission) {
       if (sh.candidates.Increment(h, key) < static_cast<uint64_t>(c.admission_min_count)) {
-        sparse_table::InitialValues(c, key, dst);
+        if (dst) sparse_table::InitialValues(c, key, dst);
         continue;
       }
       sh.candidates.Erase(h, key);
@@ -735,7 +820,7 @@ Status InsertMissing(SparseTable& t, Shard& sh, const GroupedKey* e, int64_t k,
     Status s;
     char* row = t.InsertRow(sh, h, key, step, &s);
     if (row == nullptr) return s;
-    CopyFloats(dst, reinterpret_cast<const float*>(row + value_offset), dim);
+    if (dst) CopyFloats(dst, reinterpret_cast<const float*>(row + value_offset), dim);
   }
   return Status();
 }
@@ -775,11 +860,18 @@ Status ForEachShard(OpKernelContext* ctx, const KeyGroups& g, int num_shards,
 // like every multi-shard lock here), so rows are never torn while the output
 // is written sequentially. Only the keys that were missing
 // are then grouped by shard and inserted, each shard under its writer lock.
+// A combining pull sums each group's rows as it reads them; a group with a
+// missing key is summed again, in key order, once the key has its row.
 template <>
 Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable* table,
                                               const int64_t* keys, int64_t n,
-                                              bool insert_missing, float* values) {
+                                              bool insert_missing, PullCombiner combiner,
+                                              int64_t keys_per_row, float* values) {
   if (n == 0) return Status();
+  const bool combine = combiner != PullCombiner::kNone;
+  const bool mean = combiner == PullCombiner::kMean;
+  const int64_t per_row = combine ? keys_per_row : 1;  // keys per output row
+  const int64_t dim = table->dim();
   using sparse_table::CallScratch;
   sparse_table::CallScratch scratch;
   TF_RETURN_IF_ERROR(scratch.Reserve(ctx, 2 * CallScratch::Round(n * sizeof(int64_t)) +
@@ -793,28 +885,42 @@ Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
   // 4,096 keys shrink to 256 near the end (ShrinkingChunks), so the threads
   // finish within a few microseconds of each other instead of up to one
   // 4,096-key chunk (about 55 us) apart. One thread per 8k keys at most (a
-  // thread pays num_shards lock round trips and a hand-off).
+  // thread pays num_shards lock round trips and a hand-off). A combining
+  // pull's chunks hold whole groups of keys.
   constexpr int64_t kMaxChunk = 4096;
   constexpr int64_t kMinChunk = 256;
   constexpr int64_t kKeysPerThread = 8192;
   const int workers = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>(CpuNumThreads(ctx), n / kKeysPerThread)));
   std::vector<int64_t> bounds;
-  ShrinkingChunks(n, workers, kMaxChunk, kMinChunk, &bounds);
+  ShrinkingChunks(n / per_row, workers, std::max<int64_t>(1, kMaxChunk / per_row),
+                  std::max<int64_t>(1, kMinChunk / per_row), &bounds);
+  if (per_row > 1) {
+    for (int64_t& b : bounds) b *= per_row;  // output rows -> keys
+  }
   const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
   std::vector<int64_t> chunk_misses(chunks, 0);
-  const bool stream = StreamPullOutput(values, n, table->dim());
-  const auto pull =
-      stream ? PullPresentFor<true>(table->dim()) : PullPresentFor<false>(table->dim());
-  CpuShareChunks(
-      ctx, chunks, workers,
-      [&] { return sparse_table::AllShardsLock(table, /*exclusive=*/false); },
-      [&](int64_t c) {
-        const int64_t begin = bounds[c];
-        const int64_t end = bounds[c + 1];
-        chunk_misses[c] =
-            pull(*table, keys, begin, end, insert_missing, values, misses + begin);
-      });
+  const bool stream = !combine && StreamPullOutput(values, n, dim);
+  // Reads keys[begin, end) (whole groups when combining) into values.
+  auto pull = [&](int64_t begin, int64_t end, bool insert, int64_t* miss) {
+    return WithDim(dim, [&](auto d) -> int64_t {
+      constexpr int kDim = decltype(d)::value;
+      if (combine) {
+        SumPerRow<kDim> out(values + begin / per_row * dim, dim, per_row, mean);
+        return PullPresent<kDim>(*table, keys, begin, end, insert, out, miss);
+      }
+      if (stream) {
+        RowPerKey<kDim, true> out(values, dim);
+        return PullPresent<kDim>(*table, keys, begin, end, insert, out, miss);
+      }
+      RowPerKey<kDim, false> out(values, dim);
+      return PullPresent<kDim>(*table, keys, begin, end, insert, out, miss);
+    });
+  };
+  auto all_shards = [&] { return sparse_table::AllShardsLock(table, /*exclusive=*/false); };
+  CpuShareChunks(ctx, chunks, workers, all_shards, [&](int64_t c) {
+    chunk_misses[c] = pull(bounds[c], bounds[c + 1], insert_missing, misses + bounds[c]);
+  });
   for (int64_t c = 0; c < chunks; ++c) {
     if (m != bounds[c] && chunk_misses[c] > 0) {
       std::memmove(misses + m, misses + bounds[c], chunk_misses[c] * sizeof(int64_t));
@@ -829,27 +935,39 @@ Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
   GroupKeysByShard(ctx, *table, miss_keys, m, &scratch, &g);
   for (int64_t i = 0; i < m; ++i) g.entries[i].pos = misses[g.entries[i].pos];
   const int64_t step = table->step();
-  return ForEachShard(ctx, g, table->num_shards(), 400 + 4 * table->dim(), [&](int s) {
-    return InsertMissing(*table, table->shard(s), g.entries + g.begin[s],
-                         g.begin[s + 1] - g.begin[s], step, values);
-  });
+  TF_RETURN_IF_ERROR(
+      ForEachShard(ctx, g, table->num_shards(), 400 + 4 * dim, [&](int s) {
+        return InsertMissing(*table, table->shard(s), g.entries + g.begin[s],
+                             g.begin[s + 1] - g.begin[s], step, combine ? nullptr : values);
+      }));
+  if (!combine) return Status();
+  // The groups with a key that was missing, summed again. A key still
+  // without a row (admission has not let it in, or another op evicted it
+  // since) reads its initial value, as in a pull that does not combine.
+  std::vector<int64_t> redo;  // output rows, ascending
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t r = misses[i] / per_row;
+    if (redo.empty() || redo.back() != r) redo.push_back(r);
+  }
+  constexpr int64_t kRedoChunk = 64;  // output rows
+  const int64_t redo_rows = static_cast<int64_t>(redo.size());
+  const int redo_workers = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>(CpuNumThreads(ctx), redo_rows * per_row / kKeysPerThread)));
+  CpuShareChunks(ctx, (redo_rows + kRedoChunk - 1) / kRedoChunk, redo_workers, all_shards,
+                 [&](int64_t c) {
+                   const int64_t last = std::min(redo_rows, (c + 1) * kRedoChunk);
+                   for (int64_t i = c * kRedoChunk; i < last; ++i) {
+                     const int64_t r = redo[i];
+                     pull(r * per_row, (r + 1) * per_row, /*insert=*/false, nullptr);
+                   }
+                 });
+  return Status();
 }
 
 // ---------------------------------------------------------------------------
 // Push
 
 namespace {
-
-// dst[0, n) += src[0, n), one add per column (the same result at any width).
-inline void AddFloats(float* dst, const float* src, int64_t n) {
-  int64_t j = 0;
-#if defined(__AVX__)
-  for (; j + 8 <= n; j += 8) {
-    _mm256_storeu_ps(dst + j, _mm256_add_ps(_mm256_loadu_ps(dst + j), _mm256_loadu_ps(src + j)));
-  }
-#endif
-  for (; j < n; ++j) dst[j] += src[j];
-}
 
 // A push in parts: part p owns a contiguous range of shards (the top bits
 // of the shard number), so parts never share a shard lock.

@@ -133,13 +133,25 @@ REGISTER_OP("SparseTablePull")
     .Output("values: float")
     .Attr("dim: int >= 1")
     .Attr("insert_missing: bool = true")
+    .Attr("combiner: {'none', 'sum', 'mean'} = 'none'")
     .SetIsStateful()
     .SetShapeFn([](InferenceContext* c) {
-      TF_RETURN_IF_ERROR(ValidateTableHandle(c, "SparseTablePull"));
+      constexpr char kOp[] = "SparseTablePull";
+      TF_RETURN_IF_ERROR(ValidateTableHandle(c, kOp));
       int64_t dim;
       TF_RETURN_IF_ERROR(c->GetAttr("dim", &dim));
+      std::string combiner;
+      TF_RETURN_IF_ERROR(c->GetAttr("combiner", &combiner));
+      ShapeHandle rows = c->input(1);
+      if (combiner != "none") {
+        TF_RETURN_IF_ERROR(Explain(
+            c->WithRankAtLeast(rows, 1, &rows), kOp,
+            absl::StrCat("combiner '", combiner, "' needs keys of rank >= 1 "
+                         "(their last axis is combined), got a scalar")));
+        TF_RETURN_IF_ERROR(c->Subshape(rows, 0, -1, &rows));
+      }
       ShapeHandle out;
-      TF_RETURN_IF_ERROR(c->Concatenate(c->input(1), c->Vector(dim), &out));
+      TF_RETURN_IF_ERROR(c->Concatenate(rows, c->Vector(dim), &out));
       c->set_output(0, out);
       return absl::OkStatus();
     })
@@ -151,7 +163,12 @@ is true (subject to the table's admission rule); with insert_missing false
 (serving) the table is never changed and such keys read their initial value.
 
 dim: Must equal the table's dim (gives the output its static shape).
-values: keys.shape + [dim].
+combiner: 'none': a row per key. 'sum' / 'mean': the rows of each
+  keys[i..., :] (keys of rank >= 1) added in order into one row, divided by
+  their number for 'mean' (an empty last axis gives rows of zeros), as
+  reduce_sum / reduce_mean of the rows over that axis give, without a row
+  per key in memory.
+values: keys.shape + [dim]; with a combiner keys.shape[:-1] + [dim].
 )doc");
 
 REGISTER_OP("SparseTablePush")

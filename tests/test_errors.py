@@ -59,6 +59,11 @@ SPARSE_TABLE_SHAPE_ERRORS = {
         lambda: st.sparse_table_pull(handle([2]), ph(I, [4]), dim=8),
         ["SparseTablePull: table_handle must be a scalar resource, got shape "
          "[2]"]),
+    "pull_combiner_scalar_keys": (
+        lambda: st.sparse_table_pull(handle(), ph(I, []), dim=8,
+                                     combiner="mean"),
+        ["SparseTablePull: combiner 'mean' needs keys of rank >= 1 (their "
+         "last axis is combined), got a scalar"]),
     "size_handle": (
         lambda: st.sparse_table_size(handle([1, 1])),
         ["SparseTableSize: table_handle must be a scalar resource"]),
@@ -148,6 +153,20 @@ def test_sparse_table_push_kernel_message_matches_the_shape_function():
                            r"shared_grads, got shape \[\]"):
     st.sparse_table_push(h, tf.zeros([], tf.int64), tf.zeros([16]), 0.1,
                          shared_grads=True)
+
+
+def test_sparse_table_pull_kernel_messages():
+  h = st.sparse_table_handle(dim=4, shared_name="test_errors_pull")
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"SparseTablePull: combiner 'sum' needs keys of "
+                           r"rank >= 1 \(their last axis is combined\), got a "
+                           r"scalar"):
+    st.sparse_table_pull(h, tf.constant(3, tf.int64), dim=4, combiner="sum")
+  # An unknown combiner is refused by the op's attr list.
+  with pytest.raises((tf.errors.InvalidArgumentError, ValueError),
+                     match="combiner"):
+    st.sparse_table_pull(h, tf.constant([3], tf.int64), dim=4,
+                         combiner="max")
 
 
 @pytest.mark.skipif(shutil.which("mpicc") is None,

@@ -211,17 +211,20 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
 
   # ---- ops ----
 
-  def pull(self, keys, insert_missing=True, name=None):
+  def pull(self, keys, insert_missing=True, combiner=None, name=None):
     """Rows of `keys` (int64, any shape): a float32 tensor keys.shape+[dim].
 
     Keys without a row get one (their initial value) unless insert_missing
     is False (serving: the table is not changed and such keys read their
-    initial value). Not differentiable: see `embedding_lookup`.
+    initial value). combiner "sum" or "mean": the rows of each keys[..., :]
+    added in order (and divided by their number), keys.shape[:-1] + [dim],
+    without a row per key in memory; an empty last axis gives zeros. Not
+    differentiable: see `embedding_lookup`.
     """
     keys = _as_int64(keys, "keys")
     return gen_sparse_table_ops.sparse_table_pull(
         self.resource_handle, keys, dim=self._dim,
-        insert_missing=insert_missing, name=name)
+        insert_missing=insert_missing, combiner=combiner or "none", name=name)
 
   def push(self, keys, grads, learning_rate=None, shared_grads=False,
            name=None):
@@ -343,9 +346,9 @@ def embedding_lookup(table, keys, trigger, insert_missing=True,
                      learning_rate=None, combiner=None):
   """Differentiable pull whose gradient trains the table.
 
-  Returns table.pull(keys) (keys.shape + [dim]), or with combiner "sum" or
-  "mean" the rows of the last axis of keys summed or averaged
-  (keys.shape[:-1] + [dim]). `trigger` must be a trainable scalar variable
+  Returns table.pull(keys, combiner=combiner): keys.shape + [dim], or with
+  combiner "sum" or "mean" the rows of the last axis of keys summed or
+  averaged (keys.shape[:-1] + [dim]; an empty axis gives zeros). `trigger` must be a trainable scalar variable
   that the caller differentiates (a tape only runs gradient functions on
   paths that reach a watched variable): when the gradient with respect to
   `trigger` is computed, the gradient of the loss with respect to the
@@ -356,15 +359,6 @@ def embedding_lookup(table, keys, trigger, insert_missing=True,
   """
   return _lookup(table, keys, trigger, insert_missing, learning_rate,
                  with_probe=False, combiner=combiner)
-
-
-def _combine(rows, combiner):
-  """rows [..., n, dim] summed or averaged over n (combiner None: as is)."""
-  if combiner == "sum":
-    return tf.reduce_sum(rows, axis=-2)
-  if combiner == "mean":
-    return tf.reduce_mean(rows, axis=-2)
-  return rows
 
 
 def _lookup(table, keys, trigger, insert_missing, learning_rate, with_probe,
@@ -430,8 +424,8 @@ def _lookup(table, keys, trigger, insert_missing, learning_rate, with_probe,
 
   @tf.custom_gradient
   def _rows(trigger_value):
-    values = _combine(table.pull(keys, insert_missing=insert_missing),
-                      combiner)
+    values = table.pull(keys, insert_missing=insert_missing,
+                        combiner=combiner)
 
     def grad(dy, dprobe=None):  # dprobe: only with the probe as an output
       push_keys, push_grads = flat_grads(dy)

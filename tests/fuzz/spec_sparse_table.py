@@ -93,7 +93,9 @@ def _pull_case(draw):
   h, dim, _, _ = draw(_handle())
   keys = draw(st.one_of(strategies.ids(), strategies.arrays()))
   return [h, keys], ("dim", draw(st.sampled_from([dim, dim, 1, 0, -3, 2**40])),
-                     "insert_missing", draw(st.booleans()))
+                     "insert_missing", draw(st.booleans()),
+                     "combiner", draw(st.sampled_from(["none", "sum", "mean",
+                                                       "bad"])))
 
 
 @st.composite
