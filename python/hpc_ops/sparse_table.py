@@ -348,12 +348,13 @@ def embedding_lookup(table, keys, trigger, insert_missing=True,
 
   Returns table.pull(keys, combiner=combiner): keys.shape + [dim], or with
   combiner "sum" or "mean" the rows of the last axis of keys summed or
-  averaged (keys.shape[:-1] + [dim]; an empty axis gives zeros). `trigger` must be a trainable scalar variable
-  that the caller differentiates (a tape only runs gradient functions on
-  paths that reach a watched variable): when the gradient with respect to
-  `trigger` is computed, the gradient of the loss with respect to the
-  pulled rows is pushed into the table (through table.push_transform when
-  set) and `trigger` gets a zero gradient. Each gradient computation pushes
+  averaged (keys.shape[:-1] + [dim]; an empty axis gives zeros). `trigger`
+  must be a trainable scalar variable that the caller differentiates (a
+  tape only runs gradient functions on paths that reach a watched
+  variable): when the gradient with respect to `trigger` is computed, the
+  gradient of the loss with respect to the pulled rows is pushed into the
+  table (through table.push_transform when set) and `trigger` gets a zero
+  gradient. Each gradient computation pushes
   once. With a combiner the push takes one gradient row per combined row
   (shared_grads), not a copy for each key.
   """
