@@ -62,6 +62,60 @@ def test_ragged_and_sparse_ids():
   np.testing.assert_array_equal(sp_out.flat_values, out.flat_values)
 
 
+
+@pytest.mark.parametrize("combiner", ["sum", "mean"])
+@pytest.mark.parametrize("splits_dtype", [tf.int64, tf.int32])
+def test_ragged_combiners_equal_tensorflows_ragged_reduce(combiner,
+                                                          splits_dtype):
+  """Ragged [batch, None] ids are combined by row ids found in the splits
+  (not RaggedTensor.value_rowids(), which is slow): outputs and the pushes
+  their gradients make are bit for bit those of TensorFlow's ragged
+  reduce_sum / reduce_mean (empty rows first and last included); ids of
+  ragged rank 2 still combine their innermost rows."""
+  rng = np.random.default_rng(7)
+  lengths = rng.integers(0, 9, size=300)
+  lengths[0] = 0
+  lengths[-3:] = 0
+  ids = tf.RaggedTensor.from_row_lengths(
+      tf.constant(rng.integers(0, 500, size=lengths.sum()), tf.int64),
+      tf.constant(lengths, splits_dtype))
+  C = tf.constant(rng.normal(size=(300, 4)).astype(np.float32))
+
+  def train(by_layer):
+    layer = SparseEmbedding(4, combiner=combiner, optimizer="adagrad",
+                            seed=3, learning_rate=0.5)
+    layer.build(None)
+
+    @tf.function
+    def step():
+      with tf.GradientTape() as tape:
+        if by_layer:
+          out = layer(ids, training=True)
+        else:
+          rows = sparse_table.embedding_lookup(
+              layer.table, ids.flat_values, layer.push_trigger)
+          out = (tf.reduce_sum if combiner == "sum" else tf.reduce_mean)(
+              ids.with_flat_values(rows), axis=1)
+          out = tf.where(tf.math.is_nan(out), 0.0, out)  # empty rows' mean
+        loss = tf.reduce_sum(out * C)
+      tape.gradient(loss, layer.push_trigger)
+      return out
+
+    outs = [step().numpy() for _ in range(2)]
+    return outs, sorted_export(layer.table.export())
+
+  (outs, table), (ref_outs, ref_table) = train(True), train(False)
+  for a, b in zip(outs, ref_outs):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(table, ref_table):
+    np.testing.assert_array_equal(a, b)
+  nested = tf.RaggedTensor.from_row_lengths(ids, [2, 0, 298])
+  out = SparseEmbedding(4, combiner=combiner, seed=3)(nested)
+  assert isinstance(out, tf.RaggedTensor)
+  assert out.shape.as_list() == [3, None, 4]
+  np.testing.assert_array_equal(
+      out.flat_values, SparseEmbedding(4, combiner=combiner, seed=3)(ids))
+
 def test_inference_does_not_insert_training_does():
   layer = SparseEmbedding(4, seed=1)
   layer(np.array([[1, 2]]))  # training=None: inference
