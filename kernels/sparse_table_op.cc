@@ -121,49 +121,84 @@ class SparseTableHandleOp : public OpKernel {
 };
 
 // ---------------------------------------------------------------------------
+// The combiner attr of the pull ops.
+absl::Status ParseCombiner(const char* op, const std::string& name,
+                           functor::PullCombiner* combiner) {
+  if (name == "none") {
+    *combiner = functor::PullCombiner::kNone;
+  } else if (name == "sum") {
+    *combiner = functor::PullCombiner::kSum;
+  } else if (name == "mean") {
+    *combiner = functor::PullCombiner::kMean;
+  } else {
+    return errors::InvalidArgument(op, ": attr combiner='", name,
+                                   "' must be 'none', 'sum' or 'mean'");
+  }
+  return absl::OkStatus();
+}
+
+// What SparseTablePull and SparseTablePullRagged share: attrs, the table
+// and its keys, checked.
 template <typename Device>
-class SparseTablePullOp : public OpKernel {
+class PullOpBase : public OpKernel {
  public:
-  explicit SparseTablePullOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+  PullOpBase(OpKernelConstruction* ctx, const char* op) : OpKernel(ctx), op_(op) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("dim", &dim_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("insert_missing", &insert_missing_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("combiner", &combiner_name_));
     OP_REQUIRES(ctx, dim_ >= 1 && dim_ <= TableConfig::kMaxDim,
-                errors::InvalidArgument("SparseTablePull: attr dim=", dim_,
-                                        " must be in [1, ", TableConfig::kMaxDim, "]"));
-    if (combiner_name_ == "sum") {
-      combiner_ = functor::PullCombiner::kSum;
-    } else if (combiner_name_ == "mean") {
-      combiner_ = functor::PullCombiner::kMean;
-    } else {
-      OP_REQUIRES(ctx, combiner_name_ == "none",
-                  errors::InvalidArgument("SparseTablePull: attr combiner='", combiner_name_,
-                                          "' must be 'none', 'sum' or 'mean'"));
-    }
+                errors::InvalidArgument(op, ": attr dim=", dim_, " must be in [1, ",
+                                        TableConfig::kMaxDim, "]"));
+    OP_REQUIRES_OK(ctx, ParseCombiner(op, combiner_name_, &combiner_));
   }
+
+ protected:
+  // The table, with the keys (input 1) checked.
+  absl::Status TableAndKeys(OpKernelContext* ctx,
+                            tensorflow::core::RefCountPtr<SparseTable>* table) {
+    TF_RETURN_IF_ERROR(GetTable(ctx, op_, table));
+    const Tensor& keys = ctx->input(1);
+    if (keys.dtype() != tensorflow::DT_INT64) {
+      return errors::InvalidArgument(op_, ": keys must be int64, got ",
+                                     tensorflow::DataTypeString(keys.dtype()));
+    }
+    if ((*table)->dim() != dim_) {
+      return errors::InvalidArgument(op_, ": attr dim=", dim_, " does not match the table's dim ",
+                                     (*table)->dim());
+    }
+    return absl::OkStatus();
+  }
+
+  const char* const op_;
+  int64_t dim_;
+  bool insert_missing_;
+  std::string combiner_name_;
+  functor::PullCombiner combiner_ = functor::PullCombiner::kNone;
+};
+
+template <typename Device>
+class SparseTablePullOp : public PullOpBase<Device> {
+ public:
+  explicit SparseTablePullOp(OpKernelConstruction* ctx)
+      : PullOpBase<Device>(ctx, "SparseTablePull") {}
 
   void Compute(OpKernelContext* ctx) override {
     tensorflow::core::RefCountPtr<SparseTable> table;
-    OP_REQUIRES_OK(ctx, GetTable(ctx, "SparseTablePull", &table));
+    OP_REQUIRES_OK(ctx, this->TableAndKeys(ctx, &table));
     const Tensor& keys = ctx->input(1);
-    OP_REQUIRES(ctx, keys.dtype() == tensorflow::DT_INT64,
-                errors::InvalidArgument("SparseTablePull: keys must be int64, got ",
-                                        tensorflow::DataTypeString(keys.dtype())));
-    OP_REQUIRES(ctx, table->dim() == dim_,
-                errors::InvalidArgument("SparseTablePull: attr dim=", dim_,
-                                        " does not match the table's dim ", table->dim()));
-    const bool combine = combiner_ != functor::PullCombiner::kNone;
+    const bool combine = this->combiner_ != functor::PullCombiner::kNone;
     TensorShape out_shape = keys.shape();
-    int64_t keys_per_row = 1;
+    functor::PullGroups groups;
     if (combine) {
       OP_REQUIRES(ctx, keys.dims() >= 1,
-                  errors::InvalidArgument("SparseTablePull: combiner '", combiner_name_,
+                  errors::InvalidArgument("SparseTablePull: combiner '", this->combiner_name_,
                                           "' needs keys of rank >= 1 (their last axis is "
                                           "combined), got a scalar"));
-      keys_per_row = keys.dim_size(keys.dims() - 1);
+      groups.keys_per_group = keys.dim_size(keys.dims() - 1);
       OP_REQUIRES_OK(ctx, out_shape.RemoveLastDimsWithStatus(1));
+      groups.count = out_shape.num_elements();
     }
-    OP_REQUIRES_OK(ctx, out_shape.AddDimWithStatus(dim_));
+    OP_REQUIRES_OK(ctx, out_shape.AddDimWithStatus(this->dim_));
     Tensor* values = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, out_shape, &values));
     const int64_t n = keys.NumElements();
@@ -173,15 +208,64 @@ class SparseTablePullOp : public OpKernel {
       return;
     }
     OP_REQUIRES_OK(ctx, functor::SparseTablePull<Device>()(
-                            ctx, table.get(), keys.flat<int64_t>().data(), n, insert_missing_,
-                            combiner_, keys_per_row, values->flat<float>().data()));
+                            ctx, table.get(), keys.flat<int64_t>().data(), n,
+                            this->insert_missing_, this->combiner_, groups,
+                            values->flat<float>().data()));
   }
+};
 
- private:
-  int64_t dim_;
-  bool insert_missing_;
-  std::string combiner_name_;
-  functor::PullCombiner combiner_ = functor::PullCombiner::kNone;
+template <typename Device>
+class SparseTablePullRaggedOp : public PullOpBase<Device> {
+ public:
+  explicit SparseTablePullRaggedOp(OpKernelConstruction* ctx)
+      : PullOpBase<Device>(ctx, "SparseTablePullRagged") {}
+
+  void Compute(OpKernelContext* ctx) override {
+    constexpr char kOp[] = "SparseTablePullRagged";
+    tensorflow::core::RefCountPtr<SparseTable> table;
+    OP_REQUIRES_OK(ctx, this->TableAndKeys(ctx, &table));
+    const Tensor& keys = ctx->input(1);
+    const Tensor& splits = ctx->input(2);
+    OP_REQUIRES(ctx, keys.dims() == 1,
+                errors::InvalidArgument(kOp, ": keys must have rank 1, got shape ",
+                                        keys.shape().DebugString()));
+    OP_REQUIRES(ctx, splits.dims() == 1 && splits.NumElements() >= 1,
+                errors::InvalidArgument(kOp, ": row_splits must have rank 1 and at least "
+                                        "one element, got shape ",
+                                        splits.shape().DebugString()));
+    const int64_t n = keys.NumElements();
+    const int64_t rows = splits.NumElements() - 1;
+    // Ragged row splits: from 0 to the number of keys, never decreasing.
+    std::vector<int64_t> converted;
+    const int64_t* s = nullptr;
+    if (splits.dtype() == tensorflow::DT_INT64) {
+      s = splits.flat<int64_t>().data();
+    } else {
+      OP_REQUIRES(ctx, splits.dtype() == tensorflow::DT_INT32,
+                  errors::InvalidArgument(kOp, ": row_splits must be int32 or int64"));
+      const auto in = splits.flat<int32_t>();
+      converted.assign(in.data(), in.data() + in.size());
+      s = converted.data();
+    }
+    OP_REQUIRES(ctx, s[0] == 0 && s[rows] == n,
+                errors::InvalidArgument(kOp, ": row_splits must start at 0 and end at the "
+                                        "number of keys, ", n, ", got ", s[0], " and ",
+                                        s[rows]));
+    for (int64_t r = 0; r < rows; ++r) {
+      OP_REQUIRES(ctx, s[r] <= s[r + 1],
+                  errors::InvalidArgument(kOp, ": row_splits must not decrease, got ", s[r],
+                                          " then ", s[r + 1], " at ", r));
+    }
+    Tensor* values = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({rows, this->dim_}), &values));
+    functor::PullGroups groups;
+    groups.count = rows;
+    groups.splits = s;
+    OP_REQUIRES_OK(ctx, functor::SparseTablePull<Device>()(
+                            ctx, table.get(), keys.flat<int64_t>().data(), n,
+                            this->insert_missing_, this->combiner_, groups,
+                            values->flat<float>().data()));
+  }
 };
 
 // ---------------------------------------------------------------------------
@@ -703,6 +787,7 @@ class SparseTableUniqueGradsOp : public OpKernel {
 
 REGISTER_CPU("SparseTableHandle", SparseTableHandleOp);
 REGISTER_CPU("SparseTablePull", SparseTablePullOp<CPUDevice>);
+REGISTER_CPU("SparseTablePullRagged", SparseTablePullRaggedOp<CPUDevice>);
 REGISTER_CPU("SparseTablePush", SparseTablePushOp<CPUDevice>);
 REGISTER_CPU("SparseTableSize", SparseTableSizeOp);
 REGISTER_CPU("SparseTableExport", SparseTableExportOp);

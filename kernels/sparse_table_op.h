@@ -420,22 +420,32 @@ inline void GroupKeysByShard(tensorflow::OpKernelContext* ctx, const SparseTable
 
 namespace functor {
 
-// How a pull gives its rows: one per key (kNone), or one per group of
-// `keys_per_row` consecutive keys (the last axis of keys), their rows'
-// sum (kSum) or mean (kMean).
+// How a pull gives its rows: one per key (kNone), or one per group of keys
+// (PullGroups), their rows' sum (kSum) or mean (kMean).
 enum class PullCombiner { kNone, kSum, kMean };
+
+// The groups of keys a combining pull sums: group r is keys [Begin(r),
+// Begin(r + 1)), for r in [0, count): `keys_per_group` consecutive keys each
+// (the last axis of dense keys), or, with `splits` (count + 1 offsets from 0
+// to the number of keys, nondecreasing), the rows of ragged keys, which may
+// be empty.
+struct PullGroups {
+  int64_t count = 0;
+  int64_t keys_per_group = 1;
+  const int64_t* splits = nullptr;
+  int64_t Begin(int64_t r) const { return splits != nullptr ? splits[r] : r * keys_per_group; }
+};
 
 // values[i, :] = row of keys[i]; missing keys get a new row (insert_missing,
 // subject to admission) or read their initial value. With a combiner,
-// values[r, :] = the sum (or mean) of the rows of keys[r * keys_per_row, (r
-// + 1) * keys_per_row), added in key order; n is a multiple of keys_per_row
-// (>= 1).
+// values[r, :] = the sum (or mean) of the rows of group r's keys, added in
+// key order (an empty group gives zeros).
 template <typename Device>
 struct SparseTablePull {
   absl::Status operator()(tensorflow::OpKernelContext* ctx,
                           sparse_table::SparseTable* table, const int64_t* keys,
                           int64_t n, bool insert_missing, PullCombiner combiner,
-                          int64_t keys_per_row, float* values);
+                          const PullGroups& groups, float* values);
 };
 
 // Advances the table's step (returned in *step), sums the gradients of

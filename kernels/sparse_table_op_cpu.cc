@@ -654,17 +654,19 @@ class RowPerKey {
   const int64_t dim_;
 };
 
-// SumPerRow sums the rows of every `per_row` consecutive keys, in key order,
-// into one output row (`out` is the row of the first key's group, which
-// must start a group), and divides the sum by per_row for a mean, as
-// reduce_sum / reduce_mean over the keys' last axis do. A group with a
-// missing key gets an unfinished row: the caller reads it again once the
-// key has its row.
+// SumPerRow sums the rows of each group of keys (PullGroups), in key order,
+// into the group's output row, starting with the first non-empty group from
+// group `first` on (the caller writes empty groups' zeros), and divides the
+// sum by the group's size for a mean, as reduce_sum / reduce_mean over the
+// keys' last axis do. A group with a missing key gets an unfinished row:
+// the caller reads it again once the key has its row.
 template <int kDim>
 class SumPerRow {
  public:
-  SumPerRow(float* out, int64_t dim, int64_t per_row, bool mean)
-      : row_(out), dim_(dim), per_row_(per_row), mean_(mean) {}
+  SumPerRow(float* values, int64_t dim, const PullGroups& groups, int64_t first, bool mean)
+      : values_(values), dim_(dim), groups_(groups), mean_(mean), r_(first - 1) {
+    NextGroup(groups.Begin(first));
+  }
   void Row(int64_t, const float* src) { Add(src); }
   void Initial(const sparse_table::TableConfig& c, int64_t, int64_t key) {
     if (initial_ == nullptr) initial_ = std::make_unique<float[]>(dim());
@@ -677,7 +679,7 @@ class SumPerRow {
  private:
   int64_t dim() const { return kDim > 0 ? kDim : dim_; }
   void Add(const float* src) {
-    if (j_ == 0) {
+    if (k_ == begin_) {
       CopyFloats(row_, src, dim());
     } else {
       AddFloats(row_, src, dim());
@@ -685,19 +687,30 @@ class SumPerRow {
     Next();
   }
   void Next() {
-    if (++j_ < per_row_) return;
+    if (++k_ < end_) return;
     if (mean_) {
-      const float count = static_cast<float>(per_row_);
-      for (int64_t k = 0; k < dim(); ++k) row_[k] /= count;
+      const float count = static_cast<float>(end_ - begin_);
+      for (int64_t j = 0; j < dim(); ++j) row_[j] /= count;
     }
-    row_ += dim();
-    j_ = 0;
+    NextGroup(k_);
   }
-  float* row_;
+  // Moves to the first non-empty group after r_, whose first key is k.
+  void NextGroup(int64_t k) {
+    k_ = begin_ = k;
+    do {
+      ++r_;
+    } while (r_ < groups_.count && groups_.Begin(r_ + 1) == k);
+    end_ = r_ < groups_.count ? groups_.Begin(r_ + 1) : k;
+    row_ = values_ + r_ * dim();
+  }
+  float* const values_;
   const int64_t dim_;
-  const int64_t per_row_;
+  const PullGroups& groups_;
   const bool mean_;
-  int64_t j_ = 0;
+  int64_t r_;                  // the group being summed
+  int64_t k_ = 0;              // the next key
+  int64_t begin_ = 0, end_ = 0;  // the group's keys
+  float* row_ = nullptr;
   std::unique_ptr<float[]> initial_;  // a missing key's initial value (serving)
 };
 
@@ -866,12 +879,17 @@ template <>
 Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable* table,
                                               const int64_t* keys, int64_t n,
                                               bool insert_missing, PullCombiner combiner,
-                                              int64_t keys_per_row, float* values) {
-  if (n == 0) return Status();
+                                              const PullGroups& groups, float* values) {
   const bool combine = combiner != PullCombiner::kNone;
   const bool mean = combiner == PullCombiner::kMean;
-  const int64_t per_row = combine ? keys_per_row : 1;  // keys per output row
   const int64_t dim = table->dim();
+  if (combine && groups.splits != nullptr) {
+    // Empty groups read no key: their zeros are written here.
+    for (int64_t r = 0; r < groups.count; ++r) {
+      if (groups.splits[r + 1] == groups.splits[r]) std::fill_n(values + r * dim, dim, 0.0f);
+    }
+  }
+  if (n == 0) return Status();
   using sparse_table::CallScratch;
   sparse_table::CallScratch scratch;
   TF_RETURN_IF_ERROR(scratch.Reserve(ctx, 2 * CallScratch::Round(n * sizeof(int64_t)) +
@@ -886,27 +904,28 @@ Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
   // finish within a few microseconds of each other instead of up to one
   // 4,096-key chunk (about 55 us) apart. One thread per 8k keys at most (a
   // thread pays num_shards lock round trips and a hand-off). A combining
-  // pull's chunks hold whole groups of keys.
+  // pull's chunks hold whole groups (as many as hold about as many keys).
   constexpr int64_t kMaxChunk = 4096;
   constexpr int64_t kMinChunk = 256;
   constexpr int64_t kKeysPerThread = 8192;
   const int workers = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>(CpuNumThreads(ctx), n / kKeysPerThread)));
-  std::vector<int64_t> bounds;
-  ShrinkingChunks(n / per_row, workers, std::max<int64_t>(1, kMaxChunk / per_row),
-                  std::max<int64_t>(1, kMinChunk / per_row), &bounds);
-  if (per_row > 1) {
-    for (int64_t& b : bounds) b *= per_row;  // output rows -> keys
-  }
+  const int64_t per_group = combine ? std::max<int64_t>(1, n / std::max<int64_t>(1, groups.count)) : 1;
+  std::vector<int64_t> bounds;  // in groups (keys when not combining)
+  ShrinkingChunks(combine ? groups.count : n, workers,
+                  std::max<int64_t>(1, kMaxChunk / per_group),
+                  std::max<int64_t>(1, kMinChunk / per_group), &bounds);
   const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
+  auto first_key = [&](int64_t c) { return combine ? groups.Begin(bounds[c]) : bounds[c]; };
   std::vector<int64_t> chunk_misses(chunks, 0);
   const bool stream = !combine && StreamPullOutput(values, n, dim);
-  // Reads keys[begin, end) (whole groups when combining) into values.
-  auto pull = [&](int64_t begin, int64_t end, bool insert, int64_t* miss) {
+  // Reads keys[begin, end) into values; when combining, the keys of the
+  // groups from `group` on.
+  auto pull = [&](int64_t begin, int64_t end, int64_t group, bool insert, int64_t* miss) {
     return WithDim(dim, [&](auto d) -> int64_t {
       constexpr int kDim = decltype(d)::value;
       if (combine) {
-        SumPerRow<kDim> out(values + begin / per_row * dim, dim, per_row, mean);
+        SumPerRow<kDim> out(values, dim, groups, group, mean);
         return PullPresent<kDim>(*table, keys, begin, end, insert, out, miss);
       }
       if (stream) {
@@ -919,11 +938,13 @@ Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
   };
   auto all_shards = [&] { return sparse_table::AllShardsLock(table, /*exclusive=*/false); };
   CpuShareChunks(ctx, chunks, workers, all_shards, [&](int64_t c) {
-    chunk_misses[c] = pull(bounds[c], bounds[c + 1], insert_missing, misses + bounds[c]);
+    const int64_t begin = first_key(c);
+    chunk_misses[c] = pull(begin, first_key(c + 1), bounds[c], insert_missing, misses + begin);
   });
   for (int64_t c = 0; c < chunks; ++c) {
-    if (m != bounds[c] && chunk_misses[c] > 0) {
-      std::memmove(misses + m, misses + bounds[c], chunk_misses[c] * sizeof(int64_t));
+    const int64_t begin = first_key(c);
+    if (m != begin && chunk_misses[c] > 0) {
+      std::memmove(misses + m, misses + begin, chunk_misses[c] * sizeof(int64_t));
     }
     m += chunk_misses[c];
   }
@@ -944,21 +965,27 @@ Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
   // The groups with a key that was missing, summed again. A key still
   // without a row (admission has not let it in, or another op evicted it
   // since) reads its initial value, as in a pull that does not combine.
-  std::vector<int64_t> redo;  // output rows, ascending
+  std::vector<int64_t> redo;  // groups, ascending
   for (int64_t i = 0; i < m; ++i) {
-    const int64_t r = misses[i] / per_row;
+    int64_t r;
+    if (groups.splits == nullptr) {
+      r = misses[i] / groups.keys_per_group;
+    } else {  // the last group that starts at or before the key
+      r = std::upper_bound(groups.splits, groups.splits + groups.count + 1, misses[i]) -
+          groups.splits - 1;
+    }
     if (redo.empty() || redo.back() != r) redo.push_back(r);
   }
-  constexpr int64_t kRedoChunk = 64;  // output rows
-  const int64_t redo_rows = static_cast<int64_t>(redo.size());
+  constexpr int64_t kRedoChunk = 64;  // groups
+  const int64_t redo_groups = static_cast<int64_t>(redo.size());
   const int redo_workers = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>(CpuNumThreads(ctx), redo_rows * per_row / kKeysPerThread)));
-  CpuShareChunks(ctx, (redo_rows + kRedoChunk - 1) / kRedoChunk, redo_workers, all_shards,
+      1, std::min<int64_t>(CpuNumThreads(ctx), m / kKeysPerThread)));
+  CpuShareChunks(ctx, (redo_groups + kRedoChunk - 1) / kRedoChunk, redo_workers, all_shards,
                  [&](int64_t c) {
-                   const int64_t last = std::min(redo_rows, (c + 1) * kRedoChunk);
+                   const int64_t last = std::min(redo_groups, (c + 1) * kRedoChunk);
                    for (int64_t i = c * kRedoChunk; i < last; ++i) {
                      const int64_t r = redo[i];
-                     pull(r * per_row, (r + 1) * per_row, /*insert=*/false, nullptr);
+                     pull(groups.Begin(r), groups.Begin(r + 1), r, /*insert=*/false, nullptr);
                    }
                  });
   return Status();

@@ -171,6 +171,45 @@ combiner: 'none': a row per key. 'sum' / 'mean': the rows of each
 values: keys.shape + [dim]; with a combiner keys.shape[:-1] + [dim].
 )doc");
 
+REGISTER_OP("SparseTablePullRagged")
+    .Input("table_handle: resource")
+    .Input("keys: int64")
+    .Input("row_splits: Tsplits")
+    .Output("values: float")
+    .Attr("dim: int >= 1")
+    .Attr("insert_missing: bool = true")
+    .Attr("combiner: {'sum', 'mean'} = 'sum'")
+    .Attr("Tsplits: {int32, int64} = DT_INT64")
+    .SetIsStateful()
+    .SetShapeFn([](InferenceContext* c) {
+      constexpr char kOp[] = "SparseTablePullRagged";
+      TF_RETURN_IF_ERROR(ValidateTableHandle(c, kOp));
+      ShapeHandle keys, splits;
+      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 1, "keys", 1, &keys));
+      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 2, "row_splits", 1, &splits));
+      int64_t dim;
+      TF_RETURN_IF_ERROR(c->GetAttr("dim", &dim));
+      DimensionHandle rows;
+      TF_RETURN_IF_ERROR(c->Subtract(c->Dim(splits, 0), 1, &rows));
+      c->set_output(0, c->Matrix(rows, dim));
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Reads the rows of ragged keys, each ragged row's rows added into one.
+
+Output row r is the sum of the rows of keys[row_splits[r]:row_splits[r + 1]],
+added in order (divided by their number for 'mean'; an empty row gives
+zeros): tf.reduce_sum of the rows of a tf.RaggedTensor of keys over its
+ragged axis, without a row per key in memory. Keys without a row are
+handled as in SparseTablePull.
+
+keys: The ragged keys' values.
+row_splits: Their row splits: from 0 to the number of keys, never
+  decreasing.
+dim: Must equal the table's dim.
+values: [row_splits.shape[0] - 1, dim].
+)doc");
+
 REGISTER_OP("SparseTablePush")
     .Input("table_handle: resource")
     .Input("keys: int64")

@@ -64,6 +64,14 @@ SPARSE_TABLE_SHAPE_ERRORS = {
                                      combiner="mean"),
         ["SparseTablePull: combiner 'mean' needs keys of rank >= 1 (their "
          "last axis is combined), got a scalar"]),
+    "pull_ragged_keys": (
+        lambda: st.sparse_table_pull_ragged(handle(), ph(I, [4, 2]),
+                                            ph(I, [3]), dim=8),
+        ["SparseTablePullRagged: keys must have rank 1, got shape [4,2]"]),
+    "pull_ragged_splits": (
+        lambda: st.sparse_table_pull_ragged(handle(), ph(I, [4]),
+                                            ph(I, []), dim=8),
+        ["SparseTablePullRagged: row_splits must have rank 1, got shape []"]),
     "size_handle": (
         lambda: st.sparse_table_size(handle([1, 1])),
         ["SparseTableSize: table_handle must be a scalar resource"]),
@@ -167,6 +175,26 @@ def test_sparse_table_pull_kernel_messages():
                      match="combiner"):
     st.sparse_table_pull(h, tf.constant([3], tf.int64), dim=4,
                          combiner="max")
+
+
+@pytest.mark.parametrize("splits, message", [
+    ([1, 2, 4], "must start at 0 and end at the number of keys, 4, got 1 and 4"),
+    ([0, 2, 5], "must start at 0 and end at the number of keys, 4, got 0 and 5"),
+    ([0, 3, 2, 4], "must not decrease, got 3 then 2 at 1"),
+    ([], "must have rank 1 and at least one element, got shape \\[0\\]"),
+])
+def test_sparse_table_pull_ragged_kernel_messages(splits, message):
+  h = st.sparse_table_handle(dim=4, shared_name="test_errors_pull")
+  keys = tf.constant([1, 2, 3, 4], tf.int64)
+  for dtype in (tf.int64, tf.int32):
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="SparseTablePullRagged: row_splits " + message):
+      st.sparse_table_pull_ragged(h, keys, tf.constant(splits, dtype), dim=4)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match="SparseTablePullRagged: keys must have rank 1, got "
+                           "shape \\[2,2\\]"):
+    st.sparse_table_pull_ragged(h, tf.reshape(keys, [2, 2]),
+                                tf.constant([0, 4], tf.int64), dim=4)
 
 
 @pytest.mark.skipif(shutil.which("mpicc") is None,

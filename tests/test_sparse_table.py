@@ -184,6 +184,63 @@ def test_combined_pull_shapes_and_admission(combiner):
       out, _added_in_order(counted[1].pull(keys, insert_missing=False).numpy(),
                            combiner))
 
+def _ragged_added_in_order(rows, splits, combiner):
+  """Each ragged row's rows added in order in float32 (divided by their
+  number for a mean; zeros for an empty row)."""
+  out = np.zeros((len(splits) - 1, rows.shape[1]), np.float32)
+  for r in range(len(splits) - 1):
+    out[r] = _added_in_order(rows[splits[r]:splits[r + 1]][np.newaxis],
+                             combiner)[0]
+  return out
+
+
+@pytest.mark.parametrize("combiner", ["sum", "mean"])
+@pytest.mark.parametrize("splits_dtype", [np.int64, np.int32])
+def test_ragged_pull_adds_each_rows_rows_in_order(combiner, splits_dtype):
+  """pull(ragged [rows, None], combiner=) (SparseTablePullRagged) equals the
+  plain rows of each ragged row added in order, bit for bit, with empty
+  rows first, inside and last, before and after inserts (about 45,000 keys:
+  the threads share them out) and without inserting; it inserts and counts
+  for admission exactly what a plain pull does."""
+  rng = np.random.default_rng(4)
+  lengths = rng.integers(0, 30, size=3000)
+  lengths[:3] = 0
+  lengths[100:120] = 0
+  lengths[-5:] = 0
+  keys = (np.minimum(rng.zipf(1.2, size=lengths.sum()), 30_000).astype(
+      np.int64) * np.int64(0x9E3779B97F4A7C1))
+  splits = np.concatenate([[0], np.cumsum(lengths)]).astype(splits_dtype)
+  ids = tf.RaggedTensor.from_row_splits(keys, splits)
+  for dim, admission in ((16, 0), (5, 2)):
+    pulled, plain = [table(dim=dim, seed=1, admission_min_count=admission)
+                     for _ in range(2)]
+    for insert in (False, True, True):
+      out = pulled.pull(ids, insert_missing=insert, combiner=combiner)
+      assert out.shape == (3000, dim)
+      if insert:
+        plain.pull(keys)
+      rows = plain.pull(keys, insert_missing=False).numpy()
+      np.testing.assert_array_equal(
+          out.numpy(), _ragged_added_in_order(rows, splits, combiner))
+      for a, b in zip(snapshot(pulled), snapshot(plain)):
+        np.testing.assert_array_equal(a, b)
+      assert admission_counts(pulled) == admission_counts(plain)
+  # Without a combiner: the rows, ragged; rows that are all empty: zeros.
+  t = table(dim=3, seed=1)
+  flat = t.pull(keys[:10], insert_missing=False).numpy()
+  some = tf.RaggedTensor.from_row_lengths(keys[:10], [4, 0, 6])
+  out = t.pull(some, insert_missing=False)
+  assert isinstance(out, tf.RaggedTensor)
+  np.testing.assert_array_equal(out.flat_values, flat)
+  empty = tf.RaggedTensor.from_row_splits(tf.zeros([0], tf.int64), [0, 0, 0])
+  np.testing.assert_array_equal(t.pull(empty, combiner=combiner),
+                                np.zeros([2, 3]))
+  f = tf.function(lambda k: t.pull(k, combiner=combiner), input_signature=[
+      tf.RaggedTensorSpec([None, None], tf.int64, row_splits_dtype=tf.int64)])
+  assert f.get_concrete_function().output_shapes.as_list() == [None, 3]
+  with pytest.raises(ValueError, match="ragged keys of shape \\[rows, None\\]"):
+    t.pull(tf.RaggedTensor.from_row_lengths(some, [1, 2]), combiner=combiner)
+
 def test_empty_batches_are_legal():
   t = table(dim=4)
   assert t.pull(tf.zeros([0], tf.int64)).shape == (0, 4)
@@ -740,3 +797,8 @@ def test_python_wrapper_argument_errors():
     hpc_ops.SparseTable(4, optimizer="sgd", optimizer_options={"epsilon": 1.0})
   with pytest.raises(TypeError, match="int64"):
     table().pull(tf.constant([1.5]))
+  with pytest.raises(TypeError, match="int64"):
+    table().pull(tf.ragged.constant([[1.5], []]), combiner="sum")
+  with pytest.raises(ValueError, match="ragged keys need a combiner"):
+    sparse_table.embedding_lookup(table(), tf.ragged.constant([[1], []]),
+                                  tf.Variable(0.0))

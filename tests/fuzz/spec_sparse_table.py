@@ -99,6 +99,33 @@ def _pull_case(draw):
 
 
 @st.composite
+def _pull_ragged_case(draw):
+  import tensorflow as tf
+  h, dim, _, _ = draw(_handle())
+  flat = st.lists(st.sampled_from([0, 1, 7, 99, -1, 2**63 - 1]), max_size=40)
+  keys = draw(st.one_of(flat.map(lambda k: np.array(k, np.int64)), flat.map(
+      lambda k: np.array(k, np.int64)), strategies.ids(), strategies.arrays()))
+  shape = tuple(int(d) for d in getattr(keys, "shape", ()))
+  n = int(np.prod(shape)) if shape else 1
+  pick = draw(st.integers(0, 3))
+  if pick <= 1:  # splits over the n keys, or with one of them broken
+    cuts = sorted(draw(st.lists(st.integers(0, n), max_size=6)))
+    splits = np.array([0] + cuts + [n], draw(st.sampled_from([np.int64,
+                                                               np.int32])))
+    if pick == 1:
+      splits[draw(st.integers(0, len(splits) - 1))] = draw(
+          st.sampled_from([-1, n + 1, 2**31 - 1]))
+  else:
+    splits = draw(strategies.arrays(dtypes=[np.int64, np.int32, np.float32]))
+  int32 = getattr(splits, "dtype", None) in (np.int32, tf.int32)
+  return [h, keys, splits], (
+      "dim", draw(st.sampled_from([dim, dim, 1, 0])),
+      "insert_missing", draw(st.booleans()),
+      "combiner", draw(st.sampled_from(["sum", "mean", "sum", "none"])),
+      "Tsplits", (tf.int32 if int32 else tf.int64).as_datatype_enum)
+
+
+@st.composite
 def _push_case(draw):
   h, dim, _, _ = draw(_handle())
   keys = draw(st.one_of(strategies.ids(), strategies.ids(), strategies.arrays()))
@@ -206,6 +233,8 @@ def _unique_case(draw):
 SPECS = [
     OpSpec("SparseTableHandle", _handle_case(), num_outputs=1, setup=_setup),
     OpSpec("SparseTablePull", _pull_case(), num_outputs=1, setup=_setup),
+    OpSpec("SparseTablePullRagged", _pull_ragged_case(), num_outputs=1,
+           setup=_setup),
     OpSpec("SparseTablePush", _push_case(), num_outputs=1, setup=_setup),
     OpSpec("SparseTableSize", _handle_only_case(), num_outputs=1, setup=_setup),
     OpSpec("SparseTableExport", _handle_only_case(), num_outputs=5, setup=_setup),
