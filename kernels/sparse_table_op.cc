@@ -121,9 +121,10 @@ class SparseTableHandleOp : public OpKernel {
 };
 
 // ---------------------------------------------------------------------------
+namespace {
+
 // The combiner attr of the pull ops.
-absl::Status ParseCombiner(const char* op, const std::string& name,
-                           functor::PullCombiner* combiner) {
+Status ParseCombiner(const char* op, const std::string& name, functor::PullCombiner* combiner) {
   if (name == "none") {
     *combiner = functor::PullCombiner::kNone;
   } else if (name == "sum") {
@@ -134,11 +135,13 @@ absl::Status ParseCombiner(const char* op, const std::string& name,
     return errors::InvalidArgument(op, ": attr combiner='", name,
                                    "' must be 'none', 'sum' or 'mean'");
   }
-  return absl::OkStatus();
+  return Status();
 }
 
-// What SparseTablePull and SparseTablePullRagged share: attrs, the table
-// and its keys, checked.
+}  // namespace
+
+// SparseTablePull and SparseTablePullRagged: the same attrs, checks and
+// functor; each op says how its keys make output rows (Groups).
 template <typename Device>
 class PullOpBase : public OpKernel {
  public:
@@ -152,22 +155,40 @@ class PullOpBase : public OpKernel {
     OP_REQUIRES_OK(ctx, ParseCombiner(op, combiner_name_, &combiner_));
   }
 
- protected:
-  // The table, with the keys (input 1) checked.
-  absl::Status TableAndKeys(OpKernelContext* ctx,
-                            tensorflow::core::RefCountPtr<SparseTable>* table) {
-    TF_RETURN_IF_ERROR(GetTable(ctx, op_, table));
+  void Compute(OpKernelContext* ctx) final {
+    tensorflow::core::RefCountPtr<SparseTable> table;
+    OP_REQUIRES_OK(ctx, GetTable(ctx, op_, &table));
     const Tensor& keys = ctx->input(1);
-    if (keys.dtype() != tensorflow::DT_INT64) {
-      return errors::InvalidArgument(op_, ": keys must be int64, got ",
-                                     tensorflow::DataTypeString(keys.dtype()));
+    OP_REQUIRES(ctx, keys.dtype() == tensorflow::DT_INT64,
+                errors::InvalidArgument(op_, ": keys must be int64, got ",
+                                        tensorflow::DataTypeString(keys.dtype())));
+    OP_REQUIRES(ctx, table->dim() == dim_,
+                errors::InvalidArgument(op_, ": attr dim=", dim_,
+                                        " does not match the table's dim ", table->dim()));
+    TensorShape out_shape;
+    functor::PullGroups groups;
+    std::vector<int64_t> splits;
+    OP_REQUIRES_OK(ctx, Groups(ctx, keys, &out_shape, &groups, &splits));
+    OP_REQUIRES_OK(ctx, out_shape.AddDimWithStatus(dim_));
+    Tensor* values = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, out_shape, &values));
+    const int64_t n = keys.NumElements();
+    if (n == 0 && groups.splits == nullptr) {
+      // Combining an empty last axis: rows of zeros (for the mean too).
+      if (values->NumElements() > 0) values->flat<float>().setZero();
+      return;
     }
-    if ((*table)->dim() != dim_) {
-      return errors::InvalidArgument(op_, ": attr dim=", dim_, " does not match the table's dim ",
-                                     (*table)->dim());
-    }
-    return absl::OkStatus();
+    OP_REQUIRES_OK(ctx, functor::SparseTablePull<Device>()(
+                            ctx, table.get(), keys.flat<int64_t>().data(), n, insert_missing_,
+                            combiner_, groups, values->flat<float>().data()));
   }
+
+ protected:
+  // The output's shape without its last axis (dim), and the groups of keys
+  // a combining pull sums (their splits, if any, kept in *splits or in an
+  // input).
+  virtual Status Groups(OpKernelContext* ctx, const Tensor& keys, TensorShape* rows,
+                              functor::PullGroups* groups, std::vector<int64_t>* splits) = 0;
 
   const char* const op_;
   int64_t dim_;
@@ -182,35 +203,20 @@ class SparseTablePullOp : public PullOpBase<Device> {
   explicit SparseTablePullOp(OpKernelConstruction* ctx)
       : PullOpBase<Device>(ctx, "SparseTablePull") {}
 
-  void Compute(OpKernelContext* ctx) override {
-    tensorflow::core::RefCountPtr<SparseTable> table;
-    OP_REQUIRES_OK(ctx, this->TableAndKeys(ctx, &table));
-    const Tensor& keys = ctx->input(1);
-    const bool combine = this->combiner_ != functor::PullCombiner::kNone;
-    TensorShape out_shape = keys.shape();
-    functor::PullGroups groups;
-    if (combine) {
-      OP_REQUIRES(ctx, keys.dims() >= 1,
-                  errors::InvalidArgument("SparseTablePull: combiner '", this->combiner_name_,
-                                          "' needs keys of rank >= 1 (their last axis is "
-                                          "combined), got a scalar"));
-      groups.keys_per_group = keys.dim_size(keys.dims() - 1);
-      OP_REQUIRES_OK(ctx, out_shape.RemoveLastDimsWithStatus(1));
-      groups.count = out_shape.num_elements();
+ private:
+  Status Groups(OpKernelContext*, const Tensor& keys, TensorShape* rows,
+                      functor::PullGroups* groups, std::vector<int64_t>*) override {
+    *rows = keys.shape();
+    if (this->combiner_ == functor::PullCombiner::kNone) return Status();
+    if (keys.dims() < 1) {
+      return errors::InvalidArgument("SparseTablePull: combiner '", this->combiner_name_,
+                                     "' needs keys of rank >= 1 (their last axis is "
+                                     "combined), got a scalar");
     }
-    OP_REQUIRES_OK(ctx, out_shape.AddDimWithStatus(this->dim_));
-    Tensor* values = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, out_shape, &values));
-    const int64_t n = keys.NumElements();
-    if (n == 0) {
-      // Combining an empty last axis: rows of zeros (for the mean too).
-      if (values->NumElements() > 0) values->flat<float>().setZero();
-      return;
-    }
-    OP_REQUIRES_OK(ctx, functor::SparseTablePull<Device>()(
-                            ctx, table.get(), keys.flat<int64_t>().data(), n,
-                            this->insert_missing_, this->combiner_, groups,
-                            values->flat<float>().data()));
+    groups->keys_per_group = keys.dim_size(keys.dims() - 1);
+    TF_RETURN_IF_ERROR(rows->RemoveLastDimsWithStatus(1));
+    groups->count = rows->num_elements();
+    return Status();
   }
 };
 
@@ -220,51 +226,46 @@ class SparseTablePullRaggedOp : public PullOpBase<Device> {
   explicit SparseTablePullRaggedOp(OpKernelConstruction* ctx)
       : PullOpBase<Device>(ctx, "SparseTablePullRagged") {}
 
-  void Compute(OpKernelContext* ctx) override {
+ private:
+  Status Groups(OpKernelContext* ctx, const Tensor& keys, TensorShape* rows,
+                      functor::PullGroups* groups, std::vector<int64_t>* converted) override {
     constexpr char kOp[] = "SparseTablePullRagged";
-    tensorflow::core::RefCountPtr<SparseTable> table;
-    OP_REQUIRES_OK(ctx, this->TableAndKeys(ctx, &table));
-    const Tensor& keys = ctx->input(1);
     const Tensor& splits = ctx->input(2);
-    OP_REQUIRES(ctx, keys.dims() == 1,
-                errors::InvalidArgument(kOp, ": keys must have rank 1, got shape ",
-                                        keys.shape().DebugString()));
-    OP_REQUIRES(ctx, splits.dims() == 1 && splits.NumElements() >= 1,
-                errors::InvalidArgument(kOp, ": row_splits must have rank 1 and at least "
-                                        "one element, got shape ",
-                                        splits.shape().DebugString()));
+    if (keys.dims() != 1) {
+      return errors::InvalidArgument(kOp, ": keys must have rank 1, got shape ",
+                                     keys.shape().DebugString());
+    }
+    if (splits.dims() != 1 || splits.NumElements() < 1) {
+      return errors::InvalidArgument(kOp, ": row_splits must have rank 1 and at least one "
+                                     "element, got shape ", splits.shape().DebugString());
+    }
     const int64_t n = keys.NumElements();
-    const int64_t rows = splits.NumElements() - 1;
-    // Ragged row splits: from 0 to the number of keys, never decreasing.
-    std::vector<int64_t> converted;
+    const int64_t count = splits.NumElements() - 1;
     const int64_t* s = nullptr;
     if (splits.dtype() == tensorflow::DT_INT64) {
       s = splits.flat<int64_t>().data();
-    } else {
-      OP_REQUIRES(ctx, splits.dtype() == tensorflow::DT_INT32,
-                  errors::InvalidArgument(kOp, ": row_splits must be int32 or int64"));
+    } else if (splits.dtype() == tensorflow::DT_INT32) {
       const auto in = splits.flat<int32_t>();
-      converted.assign(in.data(), in.data() + in.size());
-      s = converted.data();
+      converted->assign(in.data(), in.data() + in.size());
+      s = converted->data();
+    } else {
+      return errors::InvalidArgument(kOp, ": row_splits must be int32 or int64");
     }
-    OP_REQUIRES(ctx, s[0] == 0 && s[rows] == n,
-                errors::InvalidArgument(kOp, ": row_splits must start at 0 and end at the "
-                                        "number of keys, ", n, ", got ", s[0], " and ",
-                                        s[rows]));
-    for (int64_t r = 0; r < rows; ++r) {
-      OP_REQUIRES(ctx, s[r] <= s[r + 1],
-                  errors::InvalidArgument(kOp, ": row_splits must not decrease, got ", s[r],
-                                          " then ", s[r + 1], " at ", r));
+    // Ragged row splits: from 0 to the number of keys, never decreasing.
+    if (s[0] != 0 || s[count] != n) {
+      return errors::InvalidArgument(kOp, ": row_splits must start at 0 and end at the "
+                                     "number of keys, ", n, ", got ", s[0], " and ", s[count]);
     }
-    Tensor* values = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({rows, this->dim_}), &values));
-    functor::PullGroups groups;
-    groups.count = rows;
-    groups.splits = s;
-    OP_REQUIRES_OK(ctx, functor::SparseTablePull<Device>()(
-                            ctx, table.get(), keys.flat<int64_t>().data(), n,
-                            this->insert_missing_, this->combiner_, groups,
-                            values->flat<float>().data()));
+    for (int64_t r = 0; r < count; ++r) {
+      if (s[r] > s[r + 1]) {
+        return errors::InvalidArgument(kOp, ": row_splits must not decrease, got ", s[r],
+                                       " then ", s[r + 1], " at ", r);
+      }
+    }
+    *rows = TensorShape({count});
+    groups->count = count;
+    groups->splits = s;
+    return Status();
   }
 };
 
