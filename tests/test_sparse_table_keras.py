@@ -67,11 +67,12 @@ def test_ragged_and_sparse_ids():
 @pytest.mark.parametrize("splits_dtype", [tf.int64, tf.int32])
 def test_ragged_combiners_equal_tensorflows_ragged_reduce(combiner,
                                                           splits_dtype):
-  """Ragged [batch, None] ids are combined by row ids found in the splits
-  (not RaggedTensor.value_rowids(), which is slow): outputs and the pushes
-  their gradients make are bit for bit those of TensorFlow's ragged
-  reduce_sum / reduce_mean (empty rows first and last included); ids of
-  ragged rank 2 still combine their innermost rows."""
+  """Ragged [batch, None] ids are combined by the pull itself
+  (SparseTablePullRagged, not through RaggedTensor.value_rowids(), which is
+  slow): outputs and the pushes their gradients make are bit for bit those
+  of TensorFlow's ragged reduce_sum / reduce_mean (empty rows first and
+  last included); ids of ragged rank 2 still combine their innermost
+  rows."""
   rng = np.random.default_rng(7)
   lengths = rng.integers(0, 9, size=300)
   lengths[0] = 0
