@@ -172,15 +172,9 @@ class PullOpBase : public OpKernel {
     OP_REQUIRES_OK(ctx, out_shape.AddDimWithStatus(dim_));
     Tensor* values = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, out_shape, &values));
-    const int64_t n = keys.NumElements();
-    if (n == 0 && groups.splits == nullptr) {
-      // Combining an empty last axis: rows of zeros (for the mean too).
-      if (values->NumElements() > 0) values->flat<float>().setZero();
-      return;
-    }
     OP_REQUIRES_OK(ctx, functor::SparseTablePull<Device>()(
-                            ctx, table.get(), keys.flat<int64_t>().data(), n, insert_missing_,
-                            combiner_, groups, values->flat<float>().data()));
+                            ctx, table.get(), keys.flat<int64_t>().data(), keys.NumElements(),
+                            insert_missing_, combiner_, groups, values->flat<float>().data()));
   }
 
  protected:

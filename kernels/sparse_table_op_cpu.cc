@@ -883,10 +883,11 @@ Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
   const bool combine = combiner != PullCombiner::kNone;
   const bool mean = combiner == PullCombiner::kMean;
   const int64_t dim = table->dim();
-  if (combine && groups.splits != nullptr) {
-    // Empty groups read no key: their zeros are written here.
+  if (combine && (groups.splits != nullptr || groups.keys_per_group == 0)) {
+    // Empty groups (ragged rows without keys, or every group of keys whose
+    // last axis is empty) read no key: their zeros are written here.
     for (int64_t r = 0; r < groups.count; ++r) {
-      if (groups.splits[r + 1] == groups.splits[r]) std::fill_n(values + r * dim, dim, 0.0f);
+      if (groups.Begin(r + 1) == groups.Begin(r)) std::fill_n(values + r * dim, dim, 0.0f);
     }
   }
   if (n == 0) return Status();
