@@ -8,6 +8,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "kernels/common/cpu_parallel.h"
@@ -17,6 +18,7 @@
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/lib/core/errors.h"
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 
 namespace hpc_ops {
@@ -138,6 +140,48 @@ Status ParseCombiner(const char* op, const std::string& name, functor::PullCombi
   return Status();
 }
 
+// The groups of a ragged op: keys (input 1) of rank 1 and their row splits
+// (input 2: rank 1, int32 or int64, from 0 to the number of keys, never
+// decreasing), checked before anything reads them. int32 splits are
+// widened into *converted.
+Status RaggedGroups(OpKernelContext* ctx, const char* op, const Tensor& keys,
+                    functor::RowGroups* groups, std::vector<int64_t>* converted) {
+  const Tensor& splits = ctx->input(2);
+  if (keys.dims() != 1) {
+    return errors::InvalidArgument(op, ": keys must have rank 1, got shape ",
+                                   keys.shape().DebugString());
+  }
+  if (splits.dims() != 1 || splits.NumElements() < 1) {
+    return errors::InvalidArgument(op, ": row_splits must have rank 1 and at least one "
+                                   "element, got shape ", splits.shape().DebugString());
+  }
+  const int64_t n = keys.NumElements();
+  const int64_t count = splits.NumElements() - 1;
+  const int64_t* s = nullptr;
+  if (splits.dtype() == tensorflow::DT_INT64) {
+    s = splits.flat<int64_t>().data();
+  } else if (splits.dtype() == tensorflow::DT_INT32) {
+    const auto in = splits.flat<int32_t>();
+    converted->assign(in.data(), in.data() + in.size());
+    s = converted->data();
+  } else {
+    return errors::InvalidArgument(op, ": row_splits must be int32 or int64");
+  }
+  if (s[0] != 0 || s[count] != n) {
+    return errors::InvalidArgument(op, ": row_splits must start at 0 and end at the "
+                                   "number of keys, ", n, ", got ", s[0], " and ", s[count]);
+  }
+  for (int64_t r = 0; r < count; ++r) {
+    if (s[r] > s[r + 1]) {
+      return errors::InvalidArgument(op, ": row_splits must not decrease, got ", s[r],
+                                     " then ", s[r + 1], " at ", r);
+    }
+  }
+  groups->count = count;
+  groups->splits = s;
+  return Status();
+}
+
 }  // namespace
 
 // SparseTablePull and SparseTablePullRagged: the same attrs, checks and
@@ -166,7 +210,7 @@ class PullOpBase : public OpKernel {
                 errors::InvalidArgument(op_, ": attr dim=", dim_,
                                         " does not match the table's dim ", table->dim()));
     TensorShape out_shape;
-    functor::PullGroups groups;
+    functor::RowGroups groups;
     std::vector<int64_t> splits;
     OP_REQUIRES_OK(ctx, Groups(ctx, keys, &out_shape, &groups, &splits));
     OP_REQUIRES_OK(ctx, out_shape.AddDimWithStatus(dim_));
@@ -182,7 +226,7 @@ class PullOpBase : public OpKernel {
   // a combining pull sums (their splits, if any, kept in *splits or in an
   // input).
   virtual Status Groups(OpKernelContext* ctx, const Tensor& keys, TensorShape* rows,
-                              functor::PullGroups* groups, std::vector<int64_t>* splits) = 0;
+                              functor::RowGroups* groups, std::vector<int64_t>* splits) = 0;
 
   const char* const op_;
   int64_t dim_;
@@ -199,7 +243,7 @@ class SparseTablePullOp : public PullOpBase<Device> {
 
  private:
   Status Groups(OpKernelContext*, const Tensor& keys, TensorShape* rows,
-                      functor::PullGroups* groups, std::vector<int64_t>*) override {
+                      functor::RowGroups* groups, std::vector<int64_t>*) override {
     *rows = keys.shape();
     if (this->combiner_ == functor::PullCombiner::kNone) return Status();
     if (keys.dims() < 1) {
@@ -222,112 +266,134 @@ class SparseTablePullRaggedOp : public PullOpBase<Device> {
 
  private:
   Status Groups(OpKernelContext* ctx, const Tensor& keys, TensorShape* rows,
-                      functor::PullGroups* groups, std::vector<int64_t>* converted) override {
-    constexpr char kOp[] = "SparseTablePullRagged";
-    const Tensor& splits = ctx->input(2);
-    if (keys.dims() != 1) {
-      return errors::InvalidArgument(kOp, ": keys must have rank 1, got shape ",
-                                     keys.shape().DebugString());
-    }
-    if (splits.dims() != 1 || splits.NumElements() < 1) {
-      return errors::InvalidArgument(kOp, ": row_splits must have rank 1 and at least one "
-                                     "element, got shape ", splits.shape().DebugString());
-    }
-    const int64_t n = keys.NumElements();
-    const int64_t count = splits.NumElements() - 1;
-    const int64_t* s = nullptr;
-    if (splits.dtype() == tensorflow::DT_INT64) {
-      s = splits.flat<int64_t>().data();
-    } else if (splits.dtype() == tensorflow::DT_INT32) {
-      const auto in = splits.flat<int32_t>();
-      converted->assign(in.data(), in.data() + in.size());
-      s = converted->data();
-    } else {
-      return errors::InvalidArgument(kOp, ": row_splits must be int32 or int64");
-    }
-    // Ragged row splits: from 0 to the number of keys, never decreasing.
-    if (s[0] != 0 || s[count] != n) {
-      return errors::InvalidArgument(kOp, ": row_splits must start at 0 and end at the "
-                                     "number of keys, ", n, ", got ", s[0], " and ", s[count]);
-    }
-    for (int64_t r = 0; r < count; ++r) {
-      if (s[r] > s[r + 1]) {
-        return errors::InvalidArgument(kOp, ": row_splits must not decrease, got ", s[r],
-                                       " then ", s[r + 1], " at ", r);
-      }
-    }
-    *rows = TensorShape({count});
-    groups->count = count;
-    groups->splits = s;
+                      functor::RowGroups* groups, std::vector<int64_t>* converted) override {
+    TF_RETURN_IF_ERROR(RaggedGroups(ctx, this->op_, keys, groups, converted));
+    *rows = TensorShape({groups->count});
     return Status();
   }
 };
 
 // ---------------------------------------------------------------------------
+// SparseTablePush and SparseTablePushRagged: the same checks and functor;
+// each op says which gradient row its keys take (Groups). Inputs: the
+// table, the keys, then (the ragged op's row splits,) grads and the
+// learning rate.
 template <typename Device>
-class SparseTablePushOp : public OpKernel {
+class PushOpBase : public OpKernel {
  public:
-  explicit SparseTablePushOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("shared_grads", &shared_grads_));
-  }
+  PushOpBase(OpKernelConstruction* ctx, const char* op, int grads_index)
+      : OpKernel(ctx), op_(op), grads_index_(grads_index) {}
 
-  void Compute(OpKernelContext* ctx) override {
+  void Compute(OpKernelContext* ctx) final {
     tensorflow::core::RefCountPtr<SparseTable> table;
-    OP_REQUIRES_OK(ctx, GetTable(ctx, "SparseTablePush", &table));
+    OP_REQUIRES_OK(ctx, GetTable(ctx, op_, &table));
     const Tensor& keys = ctx->input(1);
-    const Tensor& grads = ctx->input(2);
-    const Tensor& lr = ctx->input(3);
+    const Tensor& grads = ctx->input(grads_index_);
+    const Tensor& lr = ctx->input(grads_index_ + 1);
     OP_REQUIRES(ctx,
                 keys.dtype() == tensorflow::DT_INT64 &&
                     grads.dtype() == tensorflow::DT_FLOAT &&
                     lr.dtype() == tensorflow::DT_FLOAT,
                 errors::InvalidArgument(
-                    "SparseTablePush: expected int64 keys, float grads and a float "
+                    op_, ": expected int64 keys, float grads and a float "
                     "learning_rate, got ", tensorflow::DataTypeString(keys.dtype()), ", ",
                     tensorflow::DataTypeString(grads.dtype()), " and ",
                     tensorflow::DataTypeString(lr.dtype())));
-    OP_REQUIRES_OK(ctx, CheckScalar("SparseTablePush", "learning_rate", lr));
-    TensorShape expected = keys.shape();
-    // With shared_grads the keys of keys[..., j] share grads[..., :].
-    int64_t keys_per_grad = 1;
-    if (shared_grads_) {
-      OP_REQUIRES(ctx, keys.dims() >= 1,
-                  errors::InvalidArgument(
-                      "SparseTablePush: keys must have rank >= 1 with shared_grads, got "
-                      "shape ", keys.shape().DebugString()));
-      keys_per_grad = keys.dim_size(keys.dims() - 1);
-      expected.RemoveLastDims(1);
-    }
+    OP_REQUIRES_OK(ctx, CheckScalar(op_, "learning_rate", lr));
+    TensorShape expected;
+    functor::RowGroups groups;
+    std::vector<int64_t> splits;
+    std::string what;
+    OP_REQUIRES_OK(ctx, Groups(ctx, keys, &expected, &groups, &splits, &what));
     OP_REQUIRES_OK(ctx, expected.AddDimWithStatus(table->dim()));
     OP_REQUIRES(ctx, grads.shape() == expected,
-                errors::InvalidArgument("SparseTablePush: grads shape ",
-                                        grads.shape().DebugString(),
-                                        " does not match keys shape ",
-                                        keys.shape().DebugString(),
-                                        shared_grads_ ? " without its last axis" : "",
-                                        " + [dim=", table->dim(), "]"));
+                errors::InvalidArgument(op_, ": grads shape ", grads.shape().DebugString(),
+                                        " does not match ", what, " + [dim=", table->dim(),
+                                        "]"));
     const int64_t n = keys.NumElements();
-    // Distinct keys are numbered with 32 bits per shard.
+    // Distinct keys are numbered, and ragged keys' gradient rows kept, in
+    // 32 bits.
     OP_REQUIRES(ctx, n <= std::numeric_limits<uint32_t>::max(),
-                errors::InvalidArgument("SparseTablePush: at most 2^32-1 keys per push, got ",
-                                        n));
+                errors::InvalidArgument(op_, ": at most 2^32-1 keys per push, got ", n));
+    OP_REQUIRES(ctx, groups.count <= std::numeric_limits<uint32_t>::max(),
+                errors::InvalidArgument(op_, ": at most 2^32-1 gradient rows per push, got ",
+                                        groups.count));
     const float learning_rate = lr.scalar<float>()();
     if (table->config().optimizer == sparse_table::OptimizerKind::kFtrl) {
       OP_REQUIRES(ctx, learning_rate > 0.0f,
                   errors::InvalidArgument(
-                      "SparseTablePush: learning_rate must be > 0 for the ftrl optimizer, got ",
+                      op_, ": learning_rate must be > 0 for the ftrl optimizer, got ",
                       learning_rate));
     }
     Tensor* step = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &step));
     OP_REQUIRES_OK(ctx, functor::SparseTablePush<Device>()(
                             ctx, table.get(), keys.flat<int64_t>().data(), n,
-                            grads.flat<float>().data(), keys_per_grad, learning_rate,
+                            grads.flat<float>().data(), groups, learning_rate,
                             &step->scalar<int64_t>()()));
   }
 
+ protected:
+  // grads' shape without its last axis (dim), the groups of keys sharing a
+  // gradient row (their splits, if any, kept in *splits or in an input),
+  // and what that shape is, for the error message.
+  virtual Status Groups(OpKernelContext* ctx, const Tensor& keys, TensorShape* rows,
+                        functor::RowGroups* groups, std::vector<int64_t>* splits,
+                        std::string* what) = 0;
+
+  const char* const op_;
+  const int grads_index_;
+};
+
+template <typename Device>
+class SparseTablePushOp : public PushOpBase<Device> {
+ public:
+  explicit SparseTablePushOp(OpKernelConstruction* ctx)
+      : PushOpBase<Device>(ctx, "SparseTablePush", 2) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("shared_grads", &shared_grads_));
+  }
+
  private:
+  // With shared_grads the keys of keys[..., j] share grads[..., :].
+  Status Groups(OpKernelContext*, const Tensor& keys, TensorShape* rows,
+                functor::RowGroups* groups, std::vector<int64_t>*,
+                std::string* what) override {
+    *rows = keys.shape();
+    *what = absl::StrCat("keys shape ", keys.shape().DebugString());
+    groups->count = keys.NumElements();
+    if (!shared_grads_) return Status();
+    if (keys.dims() < 1) {
+      return errors::InvalidArgument(
+          "SparseTablePush: keys must have rank >= 1 with shared_grads, got shape ",
+          keys.shape().DebugString());
+    }
+    groups->keys_per_group = keys.dim_size(keys.dims() - 1);
+    TF_RETURN_IF_ERROR(rows->RemoveLastDimsWithStatus(1));
+    groups->count = rows->num_elements();
+    absl::StrAppend(what, " without its last axis");
+    return Status();
+  }
+
   bool shared_grads_ = false;
+};
+
+// Key i takes the gradient row r of the ragged row holding it:
+// row_splits[r] <= i < row_splits[r + 1].
+template <typename Device>
+class SparseTablePushRaggedOp : public PushOpBase<Device> {
+ public:
+  explicit SparseTablePushRaggedOp(OpKernelConstruction* ctx)
+      : PushOpBase<Device>(ctx, "SparseTablePushRagged", 3) {}
+
+ private:
+  Status Groups(OpKernelContext* ctx, const Tensor& keys, TensorShape* rows,
+                functor::RowGroups* groups, std::vector<int64_t>* converted,
+                std::string* what) override {
+    TF_RETURN_IF_ERROR(RaggedGroups(ctx, this->op_, keys, groups, converted));
+    *rows = TensorShape({groups->count});
+    *what = absl::StrCat("the ", groups->count, " rows of row_splits");
+    return Status();
+  }
 };
 
 // ---------------------------------------------------------------------------
@@ -784,6 +850,7 @@ REGISTER_CPU("SparseTableHandle", SparseTableHandleOp);
 REGISTER_CPU("SparseTablePull", SparseTablePullOp<CPUDevice>);
 REGISTER_CPU("SparseTablePullRagged", SparseTablePullRaggedOp<CPUDevice>);
 REGISTER_CPU("SparseTablePush", SparseTablePushOp<CPUDevice>);
+REGISTER_CPU("SparseTablePushRagged", SparseTablePushRaggedOp<CPUDevice>);
 REGISTER_CPU("SparseTableSize", SparseTableSizeOp);
 REGISTER_CPU("SparseTableExport", SparseTableExportOp);
 REGISTER_CPU("SparseTableImport", SparseTableImportOp);

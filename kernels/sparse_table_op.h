@@ -421,15 +421,16 @@ inline void GroupKeysByShard(tensorflow::OpKernelContext* ctx, const SparseTable
 namespace functor {
 
 // How a pull gives its rows: one per key (kNone), or one per group of keys
-// (PullGroups), their rows' sum (kSum) or mean (kMean).
+// (RowGroups), their rows' sum (kSum) or mean (kMean).
 enum class PullCombiner { kNone, kSum, kMean };
 
-// The groups of keys a combining pull sums: group r is keys [Begin(r),
-// Begin(r + 1)), for r in [0, count): `keys_per_group` consecutive keys each
-// (the last axis of dense keys), or, with `splits` (count + 1 offsets from 0
-// to the number of keys, nondecreasing), the rows of ragged keys, which may
-// be empty.
-struct PullGroups {
+// Groups of keys that share one row: an output row of a combining pull (the
+// sum of their rows) or a gradient row of a push (used for each of them).
+// Group r is keys [Begin(r), Begin(r + 1)), for r in [0, count):
+// `keys_per_group` consecutive keys each (the last axis of dense keys), or,
+// with `splits` (count + 1 offsets from 0 to the number of keys,
+// nondecreasing), the rows of ragged keys, which may be empty.
+struct RowGroups {
   int64_t count = 0;
   int64_t keys_per_group = 1;
   const int64_t* splits = nullptr;
@@ -445,18 +446,18 @@ struct SparseTablePull {
   absl::Status operator()(tensorflow::OpKernelContext* ctx,
                           sparse_table::SparseTable* table, const int64_t* keys,
                           int64_t n, bool insert_missing, PullCombiner combiner,
-                          const PullGroups& groups, float* values);
+                          const RowGroups& groups, float* values);
 };
 
 // Advances the table's step (returned in *step), sums the gradients of
-// equal keys, then applies the table's optimizer once per distinct key. Key
-// i's gradient is grads[i / keys_per_grad, :] (keys_per_grad >= 1; 1: a row
-// per key).
+// equal keys, then applies the table's optimizer once per distinct key. The
+// keys of group r take the gradient grads[r, :] (groups.count rows, fewer
+// than 2^32; a plain push has a group per key).
 template <typename Device>
 struct SparseTablePush {
   absl::Status operator()(tensorflow::OpKernelContext* ctx,
                           sparse_table::SparseTable* table, const int64_t* keys,
-                          int64_t n, const float* grads, int64_t keys_per_grad,
+                          int64_t n, const float* grads, const RowGroups& groups,
                           float learning_rate, int64_t* step);
 };
 

@@ -654,7 +654,7 @@ class RowPerKey {
   const int64_t dim_;
 };
 
-// SumPerRow sums the rows of each group of keys (PullGroups), in key order,
+// SumPerRow sums the rows of each group of keys (RowGroups), in key order,
 // into the group's output row, starting with the first non-empty group from
 // group `first` on (the caller writes empty groups' zeros), and divides the
 // sum by the group's size for a mean, as reduce_sum / reduce_mean over the
@@ -663,7 +663,7 @@ class RowPerKey {
 template <int kDim>
 class SumPerRow {
  public:
-  SumPerRow(float* values, int64_t dim, const PullGroups& groups, int64_t first, bool mean)
+  SumPerRow(float* values, int64_t dim, const RowGroups& groups, int64_t first, bool mean)
       : values_(values), dim_(dim), groups_(groups), mean_(mean), r_(first - 1) {
     NextGroup(groups.Begin(first));
   }
@@ -705,7 +705,7 @@ class SumPerRow {
   }
   float* const values_;
   const int64_t dim_;
-  const PullGroups& groups_;
+  const RowGroups& groups_;
   const bool mean_;
   int64_t r_;                  // the group being summed
   int64_t k_ = 0;              // the next key
@@ -879,7 +879,7 @@ template <>
 Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable* table,
                                               const int64_t* keys, int64_t n,
                                               bool insert_missing, PullCombiner combiner,
-                                              const PullGroups& groups, float* values) {
+                                              const RowGroups& groups, float* values) {
   const bool combine = combiner != PullCombiner::kNone;
   const bool mean = combiner == PullCombiner::kMean;
   const int64_t dim = table->dim();
@@ -1020,19 +1020,23 @@ int64_t PartDedupSize(int64_t k) {
 // sum is formed in batch order: deterministic); (2) the distinct keys are
 // grouped by shard (stable); (3) each shard, under its writer lock, finds or
 // creates every distinct key's row and applies one optimizer step.
-// Key i's gradient row is grads[i / keys_per_grad] (a 32-bit division: a
-// push holds under 2^32 keys).
+// Key i's gradient row is grads[row_of[i]] for ragged groups, else
+// grads[i / keys_per_grad] (a 32-bit division: a push holds under 2^32
+// keys).
 template <typename Update>
 Status PushPart(SparseTable& t, const GroupedKey* e, int64_t k, int part, int part_bits,
-                const float* grads, uint32_t keys_per_grad, float lr, int64_t step,
+                const float* grads, uint32_t keys_per_grad, const uint32_t* row_of,
+                float lr, int64_t step,
                 PartKey* uniques, float* sums, uint32_t* dedup, int64_t dedup_size,
                 GroupedKey* entries) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const sparse_table::TableConfig& c = t.config();
   const int64_t dim = c.dim;
   const int64_t grad_bytes = dim * static_cast<int64_t>(sizeof(float));
   auto grad_row = [&](int64_t pos) {
-    const int64_t r =
-        keys_per_grad == 1 ? pos : static_cast<uint32_t>(pos) / keys_per_grad;
+    const int64_t r = row_of != nullptr ? row_of[pos]
+                      : keys_per_grad == 1
+                          ? pos
+                          : static_cast<uint32_t>(pos) / keys_per_grad;
     return grads + r * dim;
   };
   std::memset(dedup, 0, dedup_size * sizeof(uint32_t));
@@ -1138,7 +1142,7 @@ Status PushPart(SparseTable& t, const GroupedKey* e, int64_t k, int part, int pa
 
 template <typename Update>
 Status PushParts(OpKernelContext* ctx, SparseTable* table, const int64_t* keys, int64_t n,
-                 const float* grads, uint32_t keys_per_grad, float lr, int64_t step) {
+                 const float* grads, const RowGroups& groups, float lr, int64_t step) {
   const int64_t dim = table->dim();
   // Parts: a power of two, at most the shards, about four per thread (a
   // part holding the batch's hottest keys takes longer, and more parts
@@ -1158,7 +1162,8 @@ Status PushParts(OpKernelContext* ctx, SparseTable* table, const int64_t* keys, 
       ctx, sparse_table::GroupScratchBytes(n) + CallScratch::Round(n * sizeof(PartKey)) +
                CallScratch::Round(n * dim * sizeof(float)) +
                CallScratch::Round(n * sizeof(GroupedKey)) +
-               CallScratch::Round((4 * n + 16 * parts) * sizeof(uint32_t))));
+               CallScratch::Round((4 * n + 16 * parts) * sizeof(uint32_t)) +
+               (groups.splits != nullptr ? CallScratch::Round(n * sizeof(uint32_t)) : 0)));
   KeyGroups g;  // the parts' keys, each in batch order
   sparse_table::GroupKeysByHashPrefix(ctx, keys, n, part_bits, &scratch, &g);
   PartKey* uniques = scratch.Take<PartKey>(n);
@@ -1170,6 +1175,18 @@ Status PushParts(OpKernelContext* ctx, SparseTable* table, const int64_t* keys, 
     dedup_base[p + 1] = dedup_base[p] + (k == 0 ? 0 : PartDedupSize(k));
   }
   uint32_t* dedup = scratch.Take<uint32_t>(dedup_base[parts]);
+  // Ragged groups: each key's gradient row, written once (count < 2^32,
+  // checked by the op).
+  uint32_t* row_of = nullptr;
+  if (groups.splits != nullptr) {
+    row_of = scratch.Take<uint32_t>(n);
+    for (int64_t r = 0; r < groups.count; ++r) {
+      std::fill(row_of + groups.splits[r], row_of + groups.splits[r + 1],
+                static_cast<uint32_t>(r));
+    }
+  }
+  // n > 0: keys_per_group is in [1, n] for dense groups.
+  const uint32_t keys_per_grad = static_cast<uint32_t>(groups.keys_per_group);
 
   std::vector<Status> status(parts);
   auto push_part = [&](int64_t p) {
@@ -1177,7 +1194,7 @@ Status PushParts(OpKernelContext* ctx, SparseTable* table, const int64_t* keys, 
     if (g.begin[p + 1] == b) return;
     status[p] = PushPart<Update>(*table, g.entries + b, g.begin[p + 1] - b,
                                  static_cast<int>(p), part_bits, grads, keys_per_grad,
-                                 lr, step,
+                                 row_of, lr, step,
                                  uniques + b, sums + b * dim, dedup + dedup_base[p],
                                  dedup_base[p + 1] - dedup_base[p], entries + b);
   };
@@ -1194,24 +1211,24 @@ Status PushParts(OpKernelContext* ctx, SparseTable* table, const int64_t* keys, 
 template <>
 Status SparseTablePush<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable* table,
                                               const int64_t* keys, int64_t n,
-                                              const float* grads, int64_t keys_per_grad,
+                                              const float* grads, const RowGroups& groups,
                                               float lr, int64_t* step_out) {
   const int64_t step = table->Tick();
   *step_out = step;
   if (n == 0) return Status();
-  // n > 0: keys_per_grad is in [1, n], and n < 2^32 (checked by the op).
-  const uint32_t kpg = static_cast<uint32_t>(keys_per_grad);
   using sparse_table::OptimizerKind;
   switch (table->config().optimizer) {
     case OptimizerKind::kSgd:
-      return PushParts<sparse_table::SgdUpdate>(ctx, table, keys, n, grads, kpg, lr, step);
+      return PushParts<sparse_table::SgdUpdate>(ctx, table, keys, n, grads, groups, lr, step);
     case OptimizerKind::kAdagrad:
-      return PushParts<sparse_table::AdagradUpdate>(ctx, table, keys, n, grads, kpg, lr,
+      return PushParts<sparse_table::AdagradUpdate>(ctx, table, keys, n, grads, groups, lr,
                                                     step);
     case OptimizerKind::kAdam:
-      return PushParts<sparse_table::AdamUpdate>(ctx, table, keys, n, grads, kpg, lr, step);
+      return PushParts<sparse_table::AdamUpdate>(ctx, table, keys, n, grads, groups, lr,
+                                                 step);
     case OptimizerKind::kFtrl:
-      return PushParts<sparse_table::FtrlUpdate>(ctx, table, keys, n, grads, kpg, lr, step);
+      return PushParts<sparse_table::FtrlUpdate>(ctx, table, keys, n, grads, groups, lr,
+                                                 step);
   }
   return errors::Internal("SparseTablePush: unknown optimizer");
 }

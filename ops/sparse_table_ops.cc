@@ -246,6 +246,49 @@ shared_grads: Whether the keys of keys[..., j] share one gradient row: the
   into one embedding do, with no copy of the row per key.
 )doc");
 
+REGISTER_OP("SparseTablePushRagged")
+    .Input("table_handle: resource")
+    .Input("keys: int64")
+    .Input("row_splits: Tsplits")
+    .Input("grads: float")
+    .Input("learning_rate: float")
+    .Output("step: int64")
+    .Attr("Tsplits: {int32, int64} = DT_INT64")
+    .SetIsStateful()
+    .SetShapeFn([](InferenceContext* c) {
+      constexpr char kOp[] = "SparseTablePushRagged";
+      TF_RETURN_IF_ERROR(ValidateTableHandle(c, kOp));
+      ShapeHandle splits, grads, unused;
+      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 1, "keys", 1, &unused));
+      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 2, "row_splits", 1, &splits));
+      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 3, "grads", 2, &grads));
+      DimensionHandle rows, merged;
+      TF_RETURN_IF_ERROR(c->Subtract(c->Dim(splits, 0), 1, &rows));
+      TF_RETURN_IF_ERROR(Explain(
+          c->Merge(c->Dim(grads, 0), rows, &merged), kOp,
+          absl::StrCat("grads shape ", c->DebugString(grads),
+                       " does not match the rows of row_splits shape ",
+                       c->DebugString(splits), " + [dim]")));
+      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 4, "learning_rate", 0, &unused));
+      c->set_output(0, c->Scalar());
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+SparseTablePush for ragged keys, one gradient row per ragged row.
+
+Key i takes grads[r, :], r its ragged row (row_splits[r] <= i <
+row_splits[r + 1]): the gradient of SparseTablePullRagged's combined rows
+('sum'; divide grads by each row's size first for 'mean'), used for each of
+the row's keys without a copy per key. Otherwise as SparseTablePush.
+
+keys: The ragged keys' values.
+row_splits: Their row splits: from 0 to the number of keys, never
+  decreasing.
+grads: [row_splits.shape[0] - 1, dim].
+learning_rate: A scalar (> 0 for ftrl).
+step: The table's step after this push (1 for the first push).
+)doc");
+
 REGISTER_OP("SparseTableSize")
     .Input("table_handle: resource")
     .Output("size: int64")

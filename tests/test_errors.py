@@ -72,6 +72,25 @@ SPARSE_TABLE_SHAPE_ERRORS = {
         lambda: st.sparse_table_pull_ragged(handle(), ph(I, [4]),
                                             ph(I, []), dim=8),
         ["SparseTablePullRagged: row_splits must have rank 1, got shape []"]),
+    "push_ragged_keys": (
+        lambda: st.sparse_table_push_ragged(handle(), ph(I, [4, 2]),
+                                            ph(I, [3]), ph(F, [2, 8]),
+                                            ph(F, [])),
+        ["SparseTablePushRagged: keys must have rank 1, got shape [4,2]"]),
+    "push_ragged_grads_rank": (
+        lambda: st.sparse_table_push_ragged(handle(), ph(I, [4]), ph(I, [3]),
+                                            ph(F, [8]), ph(F, [])),
+        ["SparseTablePushRagged: grads must have rank 2, got shape [8]"]),
+    "push_ragged_grads_rows": (
+        lambda: st.sparse_table_push_ragged(handle(), ph(I, [4]), ph(I, [3]),
+                                            ph(F, [3, 8]), ph(F, [])),
+        ["SparseTablePushRagged: grads shape [3,8] does not match the rows of "
+         "row_splits shape [3] + [dim]"]),
+    "push_ragged_learning_rate": (
+        lambda: st.sparse_table_push_ragged(handle(), ph(I, [4]), ph(I, [3]),
+                                            ph(F, [2, 8]), ph(F, [1])),
+        ["SparseTablePushRagged: learning_rate must have rank 0, got shape "
+         "[1]"]),
     "size_handle": (
         lambda: st.sparse_table_size(handle([1, 1])),
         ["SparseTableSize: table_handle must be a scalar resource"]),
@@ -183,18 +202,44 @@ def test_sparse_table_pull_kernel_messages():
     ([0, 3, 2, 4], "must not decrease, got 3 then 2 at 1"),
     ([], "must have rank 1 and at least one element, got shape \\[0\\]"),
 ])
-def test_sparse_table_pull_ragged_kernel_messages(splits, message):
-  h = st.sparse_table_handle(dim=4, shared_name="test_errors_pull")
+@pytest.mark.parametrize("op", ["SparseTablePullRagged",
+                                "SparseTablePushRagged"])
+def test_sparse_table_ragged_kernel_messages(op, splits, message):
+  h = st.sparse_table_handle(dim=4, shared_name="test_errors_ragged")
+
+  def call(keys, row_splits):
+    if op == "SparseTablePullRagged":
+      return st.sparse_table_pull_ragged(h, keys, row_splits, dim=4)
+    rows = max(int(tf.size(row_splits)) - 1, 0)
+    return st.sparse_table_push_ragged(h, keys, row_splits,
+                                       tf.zeros([rows, 4]), 0.1)
+
   keys = tf.constant([1, 2, 3, 4], tf.int64)
   for dtype in (tf.int64, tf.int32):
     with pytest.raises(tf.errors.InvalidArgumentError,
-                       match="SparseTablePullRagged: row_splits " + message):
-      st.sparse_table_pull_ragged(h, keys, tf.constant(splits, dtype), dim=4)
+                       match=op + ": row_splits " + message):
+      call(keys, tf.constant(splits, dtype))
   with pytest.raises(tf.errors.InvalidArgumentError,
-                     match="SparseTablePullRagged: keys must have rank 1, got "
+                     match=op + ": keys must have rank 1, got "
                            "shape \\[2,2\\]"):
-    st.sparse_table_pull_ragged(h, tf.reshape(keys, [2, 2]),
-                                tf.constant([0, 4], tf.int64), dim=4)
+    call(tf.reshape(keys, [2, 2]), tf.constant([0, 4], tf.int64))
+  assert int(st.sparse_table_size(h)) == 0  # nothing was inserted
+
+
+def test_sparse_table_push_ragged_grads_message():
+  h = st.sparse_table_handle(dim=4, shared_name="test_errors_push_ragged")
+  keys = tf.constant([1, 2, 3, 4], tf.int64)
+  splits = tf.constant([0, 1, 4], tf.int32)
+  for grads in (tf.zeros([3, 4]), tf.zeros([2, 5]), tf.zeros([2])):
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="SparseTablePushRagged: grads shape \\[%s\\] "
+                             "does not match the 2 rows of row_splits "
+                             "\\+ \\[dim=4\\]"
+                             % ",".join(map(str, grads.shape))):
+      st.sparse_table_push_ragged(h, keys, splits, grads, 0.1)
+  assert int(st.sparse_table_size(h)) == 0
+  st.sparse_table_push_ragged(h, keys, splits, tf.ones([2, 4]), 0.1)
+  assert int(st.sparse_table_size(h)) == 4
 
 
 @pytest.mark.skipif(shutil.which("mpicc") is None,

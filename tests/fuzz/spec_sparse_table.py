@@ -98,10 +98,10 @@ def _pull_case(draw):
                                                        "bad"])))
 
 
-@st.composite
-def _pull_ragged_case(draw):
+def _ragged_keys(draw):
+  """Keys and row splits for the ragged ops: splits over the keys, with
+  one of them broken, or anything; returns (keys, splits, Tsplits)."""
   import tensorflow as tf
-  h, dim, _, _ = draw(_handle())
   flat = st.lists(st.sampled_from([0, 1, 7, 99, -1, 2**63 - 1]), max_size=40)
   keys = draw(st.one_of(flat.map(lambda k: np.array(k, np.int64)), flat.map(
       lambda k: np.array(k, np.int64)), strategies.ids(), strategies.arrays()))
@@ -118,11 +118,33 @@ def _pull_ragged_case(draw):
   else:
     splits = draw(strategies.arrays(dtypes=[np.int64, np.int32, np.float32]))
   int32 = getattr(splits, "dtype", None) in (np.int32, tf.int32)
+  return keys, splits, (tf.int32 if int32 else tf.int64).as_datatype_enum
+
+
+@st.composite
+def _pull_ragged_case(draw):
+  h, dim, _, _ = draw(_handle())
+  keys, splits, tsplits = _ragged_keys(draw)
   return [h, keys, splits], (
       "dim", draw(st.sampled_from([dim, dim, 1, 0])),
       "insert_missing", draw(st.booleans()),
       "combiner", draw(st.sampled_from(["sum", "mean", "sum", "none"])),
-      "Tsplits", (tf.int32 if int32 else tf.int64).as_datatype_enum)
+      "Tsplits", tsplits)
+
+
+@st.composite
+def _push_ragged_case(draw):
+  h, dim, _, _ = draw(_handle())
+  keys, splits, tsplits = _ragged_keys(draw)
+  shape = tuple(int(d) for d in getattr(splits, "shape", ()))
+  if len(shape) == 1 and 1 <= shape[0] < strategies.HUGE:
+    # A row per ragged row, one off, or anything.
+    rows = np.zeros([shape[0] - 1], np.int64)
+    grads = _grads_like(draw, rows, dim)
+  else:
+    grads = draw(strategies.arrays(dtypes=[np.float32, np.float64]))
+  lr = draw(st.sampled_from([0.1, 0.0, -1.0, np.nan]).map(np.float32))
+  return [h, keys, splits, grads, lr], ("Tsplits", tsplits)
 
 
 @st.composite
@@ -236,6 +258,8 @@ SPECS = [
     OpSpec("SparseTablePullRagged", _pull_ragged_case(), num_outputs=1,
            setup=_setup),
     OpSpec("SparseTablePush", _push_case(), num_outputs=1, setup=_setup),
+    OpSpec("SparseTablePushRagged", _push_ragged_case(), num_outputs=1,
+           setup=_setup),
     OpSpec("SparseTableSize", _handle_only_case(), num_outputs=1, setup=_setup),
     OpSpec("SparseTableExport", _handle_only_case(), num_outputs=5, setup=_setup),
     OpSpec("SparseTableImport", _import_case(), num_outputs=0, setup=_setup),
