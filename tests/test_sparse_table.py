@@ -456,6 +456,71 @@ def test_push_with_shared_grads_equals_a_row_per_key(opt, mode):
   assert int(step) == 2 and int(t.size()) == 2
 
 
+@pytest.mark.parametrize("opt", sparse_table.OPTIMIZERS)
+@pytest.mark.parametrize("splits_dtype", [np.int64, np.int32])
+def test_ragged_push_with_shared_grads_equals_a_row_per_key(opt,
+                                                            splits_dtype):
+  """push(ragged [rows, None], grads [rows, dim], shared_grads=True)
+  (SparseTablePushRagged): every key of ragged row r takes grads[r]; the
+  table ends bit for bit as after a push of that row copied for each key,
+  for every optimizer, with empty rows first, inside and last, about
+  45,000 keys (several parts), eagerly and in a function, with admission
+  too (after a pull has admitted some keys: the others' gradients are
+  dropped alike). Without shared_grads ragged keys push a row per key."""
+  dim = 11
+  rng = np.random.default_rng(5)
+  lengths = rng.integers(0, 30, size=3000)
+  lengths[:3] = 0
+  lengths[100:120] = 0
+  lengths[-5:] = 0
+  keys = (np.minimum(rng.zipf(1.3, size=lengths.sum()), 3000).astype(np.int64)
+          * np.int64(0x9E3779B97F4A7C1))
+  splits = np.concatenate([[0], np.cumsum(lengths)]).astype(splits_dtype)
+  ids = tf.RaggedTensor.from_row_splits(keys, splits)
+  shared = rng.normal(size=(3000, dim)).astype(np.float32)
+  copied = np.repeat(shared, lengths, axis=0)
+  reference = {}
+  for admission in (0, 3):
+    results = []
+    for mode in ("eager", "function", "copied"):
+      t = table(dim=dim, optimizer=opt, seed=3, num_shards=16,
+                admission_min_count=admission)
+      if admission:
+        t.pull(keys[:20_000])
+      for lr in (0.1, 0.05):
+        if mode == "copied":
+          step = t.push(keys, copied, lr)
+        elif mode == "eager":
+          step = t.push(ids, shared, lr, shared_grads=True)
+        else:
+          step = tf.function(t.push)(ids, tf.constant(shared), lr,
+                                     shared_grads=True)
+      assert int(step) == 2
+      results.append((snapshot(t), admission_counts(t)))
+    for snap, counts in results[:2]:
+      for a, b in zip(snap, results[2][0]):
+        np.testing.assert_array_equal(a, b)
+      assert counts == results[2][1]
+    reference[admission] = results[2][0]
+  assert 0 < len(reference[3][0]) < len(reference[0][0])
+  # Without shared_grads: a gradient row per key, ragged or flat.
+  for grads in (ids.with_flat_values(tf.constant(copied)), copied):
+    t = table(dim=dim, optimizer=opt, seed=3, num_shards=16)
+    t.push(ids, grads, 0.1)
+    t.push(ids, grads, 0.05)
+    for a, b in zip(snapshot(t), reference[0]):
+      np.testing.assert_array_equal(a, b)
+  # Rows that are all empty push nothing but still count a step.
+  t = table(dim=2)
+  empty = tf.RaggedTensor.from_row_splits(tf.zeros([0], tf.int64), [0, 0, 0])
+  assert int(t.push(empty, tf.ones([2, 2]), 0.1, shared_grads=True)) == 1
+  assert int(t.size()) == 0
+  with pytest.raises(ValueError, match="shared_grads takes ragged keys of "
+                                       "shape \\[rows, None\\]"):
+    t.push(tf.RaggedTensor.from_row_lengths(ids[:3], [1, 2]), tf.ones([2, 2]),
+           0.1, shared_grads=True)
+
+
 def test_push_creates_missing_rows_from_their_initial_value():
   t = table(dim=3, optimizer="sgd", seed=8)
   init = table(dim=3, seed=8).pull([42]).numpy()

@@ -69,7 +69,8 @@ def test_ragged_combiners_equal_tensorflows_ragged_reduce(combiner,
                                                           splits_dtype):
   """Ragged [batch, None] ids are combined by the pull itself
   (SparseTablePullRagged, not through RaggedTensor.value_rowids(), which is
-  slow): outputs and the pushes their gradients make are bit for bit those
+  slow) and their gradients pushed a row per ragged row
+  (SparseTablePushRagged): outputs and the pushes are bit for bit those
   of TensorFlow's ragged reduce_sum / reduce_mean (empty rows first and
   last included); ids of ragged rank 2 still combine their innermost
   rows."""
@@ -116,6 +117,56 @@ def test_ragged_combiners_equal_tensorflows_ragged_reduce(combiner,
   assert out.shape.as_list() == [3, None, 4]
   np.testing.assert_array_equal(
       out.flat_values, SparseEmbedding(4, combiner=combiner, seed=3)(ids))
+
+@pytest.mark.parametrize("combiner", ["sum", "mean"])
+@pytest.mark.parametrize("with_transform", [False, True])
+def test_ragged_combiner_pushes_a_row_per_ragged_row(combiner,
+                                                     with_transform):
+  """embedding_lookup(ragged ids, combiner=) pushes one gradient row per
+  ragged row (SparseTablePushRagged), not a copy for each id, and leaves
+  the table bit for bit as a lookup of every id's row reduced by
+  TensorFlow's ragged reduce afterwards; a push_transform still sees every
+  id's own row (a plain push)."""
+  rng = np.random.default_rng(8)
+  lengths = rng.integers(0, 7, size=64)
+  lengths[[0, 30, 63]] = 0
+  ids = tf.RaggedTensor.from_row_lengths(
+      tf.constant(rng.integers(0, 40, size=lengths.sum()), tf.int64), lengths)
+  C = tf.constant(rng.normal(size=(64, 3)).astype(np.float32))
+
+  def train(fused):
+    t = hpc_ops.SparseTable(
+        3, optimizer="adagrad", seed=1,
+        push_transform=(lambda k, g: (k, g * 2.0)) if with_transform else None)
+    trigger = tf.Variable(0.0)
+
+    @tf.function
+    def step():
+      with tf.GradientTape() as tape:
+        if fused:
+          out = sparse_table.embedding_lookup(t, ids, trigger,
+                                              combiner=combiner)
+        else:
+          rows = sparse_table.embedding_lookup(t, ids.flat_values, trigger)
+          out = (tf.reduce_sum if combiner == "sum" else tf.reduce_mean)(
+              ids.with_flat_values(rows), axis=1)
+          out = tf.where(tf.math.is_nan(out), 0.0, out)  # empty rows' mean
+        loss = tf.reduce_sum(out * C)
+      return tape.gradient(loss, trigger)
+
+    step()
+    step()
+    ops = {op.type for op in step.get_concrete_function().graph.get_operations()
+           if op.type.startswith("SparseTablePush")}
+    return sorted_export(t.export()), ops
+
+  (fused, fused_ops), (ref, ref_ops) = train(True), train(False)
+  for a, b in zip(fused, ref):
+    np.testing.assert_array_equal(a, b)
+  assert ref_ops == {"SparseTablePush"}
+  assert fused_ops == {"SparseTablePush" if with_transform
+                       else "SparseTablePushRagged"}
+
 
 def test_inference_does_not_insert_training_does():
   layer = SparseEmbedding(4, seed=1)

@@ -224,7 +224,7 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
     the rows as a RaggedTensor. Not differentiable: see `embedding_lookup`.
     """
     if isinstance(keys, tf.RaggedTensor):
-      keys = _ragged_int64(keys, combiner)
+      keys = _ragged_int64(keys, combiner and "a combiner")
       if combiner is None:
         return keys.with_flat_values(self.pull(keys.flat_values,
                                                insert_missing, name=name))
@@ -242,12 +242,25 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
     summed, then every distinct key's row and slots are updated once.
     shared_grads=True: grads is keys.shape[:-1] + [dim], one row for the
     keys of each keys[..., :] (the ids of an example summed into one
-    embedding), used for each of them without copies.
+    embedding), used for each of them without copies. keys may be a
+    tf.RaggedTensor: [rows, None] with shared_grads gives each ragged row
+    one gradient row (grads [rows, dim], the gradient of
+    pull(keys, combiner="sum")); without it grads holds a row per key (a
+    RaggedTensor [rows, None, dim] or its flat values [n, dim]).
     Returns the table's step after this push (int64 scalar)."""
-    keys = _as_int64(keys, "keys")
-    grads = tf.convert_to_tensor(grads, tf.float32)
     lr = self.learning_rate if learning_rate is None else tf.cast(
         learning_rate, tf.float32)
+    if isinstance(keys, tf.RaggedTensor):
+      keys = _ragged_int64(keys, shared_grads and "shared_grads")
+      if shared_grads:
+        return gen_sparse_table_ops.sparse_table_push_ragged(
+            self.resource_handle, keys.values, keys.row_splits,
+            tf.convert_to_tensor(grads, tf.float32), lr, name=name)
+      keys = keys.flat_values
+      if isinstance(grads, tf.RaggedTensor):
+        grads = grads.flat_values
+    keys = _as_int64(keys, "keys")
+    grads = tf.convert_to_tensor(grads, tf.float32)
     return gen_sparse_table_ops.sparse_table_push(
         self.resource_handle, keys, grads, lr, shared_grads=shared_grads,
         name=name)
@@ -341,14 +354,16 @@ def _as_int64(keys, what):
   return tf.cast(keys, tf.int64)
 
 
-def _ragged_int64(keys, combiner):
-  """Ragged keys with int64 values; combined ones must be [rows, None]."""
-  if combiner is not None and (keys.ragged_rank != 1
-                               or keys.flat_values.shape.rank != 1):
+def _ragged_int64(keys, by_row):
+  """Ragged keys with int64 values. by_row: a description of the use that
+  takes a row per ragged row (a combiner, shared_grads), which needs keys
+  of shape [rows, None]; None for a row per key."""
+  if by_row is not None and (keys.ragged_rank != 1
+                             or keys.flat_values.shape.rank != 1):
     raise ValueError(
-        "SparseTable: a combiner takes ragged keys of shape [rows, None] "
+        "SparseTable: %s takes ragged keys of shape [rows, None] "
         "(ragged rank 1), got %s (ragged rank %d)"
-        % (keys.shape, keys.ragged_rank))
+        % (by_row, keys.shape, keys.ragged_rank))
   return keys.with_flat_values(_as_int64(keys.flat_values, "keys"))
 
 
@@ -408,16 +423,16 @@ def _lookup(table, keys, trigger, insert_missing, learning_rate, with_probe,
     if combiner is None:
       raise ValueError("embedding_lookup: ragged keys need a combiner (or "
                        "look up their flat_values)")
-    keys = _ragged_int64(keys, combiner)
+    keys = _ragged_int64(keys, "a combiner")
   else:
     keys = _as_int64(keys, "keys")
   dim = table.dim
   if combiner is not None and keys.shape.rank == 0:
     raise ValueError("embedding_lookup: a combiner needs keys of rank >= 1")
-  # With a combiner, dense keys and no push_transform, the push takes one
-  # gradient row per combined row (shared_grads); push_transform sees the
-  # keys' own rows, and so do ragged keys' pushes.
-  shared = combiner is not None and not ragged and table.push_transform is None
+  # With a combiner and no push_transform, the push takes one gradient row
+  # per combined row (shared_grads: of the last axis of dense keys, of each
+  # ragged row of ragged keys); push_transform sees the keys' own rows.
+  shared = combiner is not None and table.push_transform is None
 
   def transformed(push_keys, push_grads):
     if table.push_transform is not None:
@@ -430,12 +445,14 @@ def _lookup(table, keys, trigger, insert_missing, learning_rate, with_probe,
                       shared_grads=shared)
 
   def flat_grads(dy):
-    if ragged:  # each key takes its row's gradient (divided by its size)
+    if ragged:  # each key takes its ragged row's gradient (divided by its size)
       dy = tf.cast(tf.convert_to_tensor(dy), tf.float32)
       splits = keys.row_splits
       if combiner == "mean":
         counts = tf.cast(splits[1:] - splits[:-1], tf.float32)
         dy = dy / tf.maximum(counts, 1.0)[:, tf.newaxis]
+      if shared:
+        return keys, dy
       n = tf.shape(keys.values, out_type=splits.dtype)[0]
       row_ids = tf.searchsorted(splits, tf.range(n), side="right",
                                 out_type=splits.dtype) - 1
