@@ -50,6 +50,23 @@ Median step time from on_train_batch_begin to on_train_batch_end over
 --rounds epochs of the batches per model, the models taking turns by
 epoch.
 
+--ragged times multi-hot examples instead: each 65,536-key batch cut at
+random into 4,096 examples (16 ids on average, some empty), each
+example's rows summed, inference and a train step (loss = sum(out * C),
+Adagrad):
+
+  hpc_ops               ragged ids [4096, None]: table.pull(ids,
+                        combiner="sum") (SparseTablePullRagged); tape step
+                        over embedding_lookup(..., combiner="sum"), which
+                        pushes one gradient row per example
+                        (SparseTablePushRagged)
+  MHT, mod              the same ids as a tf.SparseTensor (made before
+                        timing), tf.nn.safe_embedding_lookup_sparse(W, rows,
+                        None, combiner="sum") with rows from the MHT or
+                        id % 2^20 (the plain embedding_lookup_sparse drops
+                        trailing empty examples); steps with the fused
+                        sparse v1 Adagrad
+
 Bytes per key: growth of a fresh process's resident memory while an Adagrad
 table takes 2e6 distinct keys, divided by the key count, next to the raw size
 key + row + slot (8 + 4*D*2 bytes).
@@ -57,6 +74,7 @@ key + row + slot (8 + 4*D*2 bytes).
   python benchmarks/bench_sparse_table.py            # N 1e6 and 1e7, D 8/16/64
   python benchmarks/bench_sparse_table.py --quick    # N 1e6, D 16, 8 batches, 2 rounds
   python benchmarks/bench_sparse_table.py --keras-fit --N 10000000 --dims 16
+  python benchmarks/bench_sparse_table.py --ragged --N 10000000 --dims 16 64
 """
 import argparse
 import functools
@@ -331,6 +349,104 @@ def keras_fit_rows(keys_np, dim, rounds):
   return rows
 
 
+RAGGED_ROWS = 4096  # examples per batch in --ragged
+
+
+def ragged_batches(keys_np, seed=0):
+  """--ragged: each batch of keys cut at RAGGED_ROWS - 1 uniform random
+  points into examples (16 ids on average at 65,536 keys, some empty), as
+  (RaggedTensor [RAGGED_ROWS, None], the same ids as a tf.SparseTensor)."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for keys in keys_np:
+    cuts = np.sort(rng.integers(0, len(keys) + 1, size=RAGGED_ROWS - 1))
+    splits = np.concatenate([[0], cuts, [len(keys)]]).astype(np.int64)
+    ids = tf.RaggedTensor.from_row_splits(tf.constant(keys),
+                                          tf.constant(splits))
+    out.append((ids, ids.to_sparse()))
+  return out
+
+
+def ragged_rows(keys_np, dim, rounds, peers, lr=0.01):
+  """--ragged: median time per batch of combined lookups and train steps,
+  ours on ragged ids against the peers' safe_embedding_lookup_sparse; rows of
+  [impl, op, median/batch, Mkeys/s, vs MHT, vs mod]."""
+  batches = ragged_batches(keys_np)
+  C = tf.random.normal([RAGGED_ROWS, dim], stddev=1e-3, seed=1)
+  variants, checks = {}, []
+
+  table = hpc_ops.SparseTable(dim, optimizer="adagrad")
+  for b in keys_np:
+    table.pull(b)
+  trigger = tf.Variable(0.0)
+
+  # One trace each: the examples' longest row, in the static shape of a
+  # SparseTensor made from constants, changes from batch to batch.
+  ragged_spec = [tf.RaggedTensorSpec([RAGGED_ROWS, None], tf.int64,
+                                     row_splits_dtype=tf.int64)]
+  sparse_spec = [tf.SparseTensorSpec([RAGGED_ROWS, None], tf.int64)]
+
+  @tf.function(input_signature=ragged_spec)
+  def our_step(ids):
+    with tf.GradientTape() as tape:
+      out = sparse_table.embedding_lookup(table, ids, trigger, combiner="sum",
+                                          learning_rate=lr)
+      loss = tf.reduce_sum(out * C)
+    return tape.gradient(loss, trigger)
+
+  our_pull = tf.function(lambda ids: table.pull(ids, combiner="sum"),
+                         input_signature=ragged_spec)
+  variants[("hpc_ops", "combined pull")] = lambda b: our_pull(b[0])
+  variants[("hpc_ops", "train step")] = lambda b: our_step(b[0])
+  step0 = int(table.export().step)
+  checks.append(lambda: int(table.export().step) > step0)
+
+  uniq = np.unique(keys_np)
+  for method in peers:
+    if method == "MHT":
+      index_table = tf.lookup.experimental.MutableHashTable(
+          tf.int64, tf.int64, default_value=-1)
+      index_table.insert(tf.constant(uniq), tf.range(len(uniq), dtype=tf.int64))
+      index = index_table.lookup
+    elif method == "mod":
+      index = lambda k: tf.math.floormod(k, ROWS)  # noqa: E731
+    else:
+      continue
+    W = tf.Variable(tf.random.normal([ROWS, dim], stddev=0.01))
+    opt = tf.compat.v1.train.AdagradOptimizer(lr)
+
+    def lookup(sp, W=W, index=index):
+      rows = tf.SparseTensor(sp.indices, index(sp.values), sp.dense_shape)
+      return tf.nn.safe_embedding_lookup_sparse(W, rows, None, combiner="sum")
+
+    def step(sp, W=W, opt=opt, lookup=lookup):
+      with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(lookup(sp) * C)
+      update = opt.apply_gradients([(tape.gradient(loss, W), W)])
+      with tf.control_dependencies([update]):
+        return tf.identity(loss)
+
+    peer_pull = tf.function(lookup, input_signature=sparse_spec)
+    peer_step = tf.function(step, input_signature=sparse_spec)
+    variants[(method, "combined pull")] = (
+        lambda b, f=peer_pull: f(b[1]))
+    variants[(method, "train step")] = lambda b, f=peer_step: f(b[1])
+    w0 = W.numpy()[:1000].copy()
+    checks.append(lambda W=W, w0=w0: np.abs(W.numpy()[:1000] - w0).max() > 0)
+
+  medians = time_interleaved(variants, batches, rounds)
+  for check in checks:
+    assert check(), "a train step did not update its rows"
+  keys = len(keys_np[0])
+  rows = []
+  for (name, op), sec in medians.items():
+    base, bound = medians.get(("MHT", op)), medians.get(("mod", op))
+    rows.append([name, op, bench_util.fmt_time(sec), "%.1f" % (keys / sec / 1e6),
+                 "%.2fx" % (base / sec) if base else "-",
+                 "%.2fx" % (bound / sec) if bound else "-"])
+  return rows
+
+
 def bytes_per_key(dim, num_keys=2_000_000):
   """Resident-memory growth per key while a fresh process's Adagrad table
   takes `num_keys` distinct keys in 65,536-key batches (a child process, so
@@ -367,6 +483,9 @@ def main():
   ap.add_argument("--peers", nargs="*", default=["MHT", "DHT", "mod"])
   ap.add_argument("--copy-readback", action="store_true",
                   help="read results back with .numpy() (a copy), not as a view")
+  ap.add_argument("--ragged", action="store_true",
+                  help="time multi-hot examples (ragged ids, summed) against "
+                  "safe_embedding_lookup_sparse (instead of the table ops)")
   ap.add_argument("--keras-fit", action="store_true",
                   help="time model.fit steps: SparseEmbedding against "
                   "keras.layers.Embedding (instead of the table ops)")
@@ -380,6 +499,18 @@ def main():
       tf.__version__, os.cpu_count(), alloc,
       "copy" if COPY_READBACK else "view", time.strftime("%Y-%m-%d %H:%M"),
       os.getloadavg()[0]))
+  if args.ragged:
+    for N in args.N:
+      keys_np = bench_util.zipf_batches(N, nbatches=args.nbatches)
+      for D in args.dims:
+        bench_util.print_table(
+            "Multi-hot examples, %.0e ids, D %d, 4,096 examples (65,536 ids) "
+            "a batch, each summed, %s allocator (ratios: time of MHT / mod "
+            "over ours, > 1 means ours is faster)" % (N, D, alloc),
+            ["impl", "op", "median/batch", "Mkeys/s", "vs MHT", "vs mod"],
+            ragged_rows(keys_np, D, args.rounds, args.peers))
+    print("load average at the end: %.1f" % os.getloadavg()[0])
+    return
   if args.keras_fit:
     for N in args.N:
       keys_np = bench_util.zipf_batches(N, nbatches=args.nbatches)
