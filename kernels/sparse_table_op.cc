@@ -843,6 +843,55 @@ class SparseTableUniqueGradsOp : public OpKernel {
   }
 };
 
+// ---------------------------------------------------------------------------
+// SparseTableRowSplits: one pass checks the row indices, one writes the
+// splits.
+class SparseTableRowSplitsOp : public OpKernel {
+ public:
+  explicit SparseTableRowSplitsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    constexpr char kOp[] = "SparseTableRowSplits";
+    const Tensor& indices = ctx->input(0);
+    const Tensor& dense_shape = ctx->input(1);
+    OP_REQUIRES(ctx, dense_shape.dims() == 1 && dense_shape.NumElements() >= 1,
+                errors::InvalidArgument(kOp, ": dense_shape must have rank 1 and at least "
+                                        "one element, got shape ",
+                                        dense_shape.shape().DebugString()));
+    const int64_t rank = dense_shape.NumElements();
+    OP_REQUIRES(ctx, indices.dims() == 2 && indices.dim_size(1) == rank,
+                errors::InvalidArgument(kOp, ": indices must have shape [n, ", rank,
+                                        "] (one column per axis of dense_shape), got ",
+                                        indices.shape().DebugString()));
+    const int64_t rows = dense_shape.flat<int64_t>()(0);
+    OP_REQUIRES(ctx, rows >= 0 && rows < std::numeric_limits<int64_t>::max(),
+                errors::InvalidArgument(kOp, ": dense_shape[0] must be >= 0, got ", rows));
+    const int64_t n = indices.dim_size(0);
+    const int64_t* idx = indices.flat<int64_t>().data();
+    auto row = [&](int64_t i) { return idx[i * rank]; };
+    for (int64_t i = 0; i < n; ++i) {
+      OP_REQUIRES(ctx, row(i) >= 0 && row(i) < rows,
+                  errors::InvalidArgument(kOp, ": indices[", i, ", 0] = ", row(i),
+                                          " is not in [0, dense_shape[0] = ", rows, ")"));
+      OP_REQUIRES(ctx, i == 0 || row(i) >= row(i - 1),
+                  errors::InvalidArgument(
+                      kOp, ": indices must be in row-major order (tf.sparse.reorder), got "
+                      "row ", row(i - 1), " then ", row(i), " at ", i));
+    }
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({rows + 1}), &out));
+    int64_t* splits = out->flat<int64_t>().data();
+    // splits[r] = the entries in rows below r: row r starts at the first
+    // entry whose row is >= r.
+    splits[0] = 0;
+    int64_t r = 1;
+    for (int64_t i = 0; i < n; ++i) {
+      while (r <= row(i)) splits[r++] = i;
+    }
+    while (r <= rows) splits[r++] = n;
+  }
+};
+
 #define REGISTER_CPU(name, ...) \
   REGISTER_KERNEL_BUILDER(Name(name).Device(tensorflow::DEVICE_CPU), __VA_ARGS__)
 
@@ -859,6 +908,7 @@ REGISTER_CPU("SparseTableImportAdmission", SparseTableImportAdmissionOp);
 REGISTER_CPU("SparseTableInitFromDense", SparseTableInitFromDenseOp);
 REGISTER_CPU("SparseTableEvict", SparseTableEvictOp);
 REGISTER_CPU("SparseTableUniqueGrads", SparseTableUniqueGradsOp);
+REGISTER_CPU("SparseTableRowSplits", SparseTableRowSplitsOp);
 
 #undef REGISTER_CPU
 

@@ -499,4 +499,37 @@ unique_keys: [u], in order of first occurrence.
 summed_grads: [u, dim]; each the sum, in batch order, of the grads of one key.
 )doc");
 
+REGISTER_OP("SparseTableRowSplits")
+    .Input("indices: int64")
+    .Input("dense_shape: int64")
+    .Output("row_splits: int64")
+    .SetShapeFn([](InferenceContext* c) {
+      constexpr char kOp[] = "SparseTableRowSplits";
+      ShapeHandle indices, dense_shape;
+      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 0, "indices", 2, &indices));
+      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 1, "dense_shape", 1, &dense_shape));
+      DimensionHandle rank;
+      TF_RETURN_IF_ERROR(Explain(
+          c->Merge(c->Dim(indices, 1), c->Dim(dense_shape, 0), &rank), kOp,
+          absl::StrCat("indices shape ", c->DebugString(indices),
+                       " does not match dense_shape shape ",
+                       c->DebugString(dense_shape), " (one column per axis)")));
+      c->set_output(0, c->Vector(InferenceContext::kUnknownDim));
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+The row splits of a SparseTensor: the rows of its first axis, ragged.
+
+row_splits[r] is the number of entries in rows below r, so the values of
+row r are values[row_splits[r]:row_splits[r + 1]], in their order, as
+SparseTablePullRagged and SparseTablePushRagged take keys. The indices must
+be in row-major order (tf.sparse.reorder gives it); unlike
+tf.RaggedTensor.from_sparse, the other columns may have gaps.
+
+indices: [n, rank], rank >= 1; indices[:, 0] nondecreasing, each in
+  [0, dense_shape[0]).
+dense_shape: [rank].
+row_splits: [dense_shape[0] + 1], from 0 to n.
+)doc");
+
 }  // namespace tensorflow

@@ -91,6 +91,17 @@ SPARSE_TABLE_SHAPE_ERRORS = {
                                             ph(F, [2, 8]), ph(F, [1])),
         ["SparseTablePushRagged: learning_rate must have rank 0, got shape "
          "[1]"]),
+    "row_splits_indices": (
+        lambda: st.sparse_table_row_splits(ph(I, [4]), ph(I, [2])),
+        ["SparseTableRowSplits: indices must have rank 2, got shape [4]"]),
+    "row_splits_dense_shape": (
+        lambda: st.sparse_table_row_splits(ph(I, [4, 2]), ph(I, [2, 1])),
+        ["SparseTableRowSplits: dense_shape must have rank 1, got shape "
+         "[2,1]"]),
+    "row_splits_rank": (
+        lambda: st.sparse_table_row_splits(ph(I, [4, 2]), ph(I, [3])),
+        ["SparseTableRowSplits: indices shape [4,2] does not match "
+         "dense_shape shape [3] (one column per axis)"]),
     "size_handle": (
         lambda: st.sparse_table_size(handle([1, 1])),
         ["SparseTableSize: table_handle must be a scalar resource"]),
@@ -240,6 +251,44 @@ def test_sparse_table_push_ragged_grads_message():
   assert int(st.sparse_table_size(h)) == 0
   st.sparse_table_push_ragged(h, keys, splits, tf.ones([2, 4]), 0.1)
   assert int(st.sparse_table_size(h)) == 4
+
+
+@pytest.mark.parametrize("indices, dense_shape, message", [
+    ([[0, 0], [2, 0], [1, 3]], [3, 4],
+     "indices must be in row-major order \\(tf.sparse.reorder\\), got row "
+     "2 then 1 at 2"),
+    ([[0, 0], [3, 0]], [3, 4],
+     "indices\\[1, 0\\] = 3 is not in \\[0, dense_shape\\[0\\] = 3\\)"),
+    ([[-1, 0]], [3, 4],
+     "indices\\[0, 0\\] = -1 is not in \\[0, dense_shape\\[0\\] = 3\\)"),
+    (np.zeros([0, 2]), [-1, 4], "dense_shape\\[0\\] must be >= 0, got -1"),
+    ([[0, 0]], [3], "indices must have shape \\[n, 1\\] \\(one column per "
+                    "axis of dense_shape\\), got \\[1,2\\]"),
+    (np.zeros([0, 0]), np.zeros([0]),
+     "dense_shape must have rank 1 and at least one element, got shape "
+     "\\[0\\]"),
+])
+def test_sparse_table_row_splits_kernel_messages(indices, dense_shape,
+                                                 message):
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match="SparseTableRowSplits: " + message):
+    st.sparse_table_row_splits(tf.constant(indices, tf.int64),
+                               tf.constant(dense_shape, tf.int64))
+
+
+def test_sparse_table_row_splits_values():
+  def splits(indices, dense_shape):
+    return st.sparse_table_row_splits(
+        tf.constant(indices, tf.int64, shape=[len(indices), len(dense_shape)]),
+        tf.constant(dense_shape, tf.int64)).numpy().tolist()
+
+  assert splits([[0, 1], [0, 7], [2, 0]], [4, 9]) == [0, 2, 2, 3, 3]
+  assert splits([[1], [1]], [2]) == [0, 0, 2]
+  assert splits([], [2, 5]) == [0, 0, 0]
+  assert splits([], [0, 5]) == [0]
+  with tf.Graph().as_default():
+    assert st.sparse_table_row_splits(
+        ph(I, [None, 2]), ph(I, [None])).shape.as_list() == [None]
 
 
 @pytest.mark.skipif(shutil.which("mpicc") is None,

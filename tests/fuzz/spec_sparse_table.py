@@ -246,6 +246,31 @@ def _evict_case(draw):
 
 
 @st.composite
+def _row_splits_case(draw):
+  """SparseTensor indices in row-major order within a small dense shape
+  (the output has dense_shape[0] + 1 entries), with one row index broken,
+  or anything; dense_shape right, negative or of another rank."""
+  rows = draw(st.sampled_from([0, 1, 3, 8, 100]))
+  rank = draw(st.integers(1, 3))
+  pick = draw(st.integers(0, 3))
+  if pick <= 1 and rows > 0:
+    first = sorted(draw(st.lists(st.integers(0, rows - 1), max_size=40)))
+    indices = np.zeros([len(first), rank], np.int64)
+    indices[:, 0] = first
+    if pick == 1 and len(first):
+      indices[draw(st.integers(0, len(first) - 1)), 0] = draw(
+          st.sampled_from([-1, rows, 2**63 - 1, -2**63]))
+  else:
+    indices = draw(st.one_of(strategies.ids(), strategies.arrays()))
+  shape = np.full([rank], 5, np.int64)
+  shape[0] = draw(st.sampled_from([rows, rows, -1, -2**62]))
+  # Not drawn int64 values: a large dense_shape[0] would allocate gigabytes.
+  dense_shape = draw(st.one_of(st.just(shape), st.just(shape[:-1]),
+                               strategies.arrays(dtypes=[np.int32], min_rank=1)))
+  return [indices, dense_shape], ()
+
+
+@st.composite
 def _unique_case(draw):
   keys = draw(st.one_of(strategies.ids(), strategies.arrays()))
   dim = draw(st.integers(0, 5))
@@ -271,4 +296,5 @@ SPECS = [
            setup=_setup),
     OpSpec("SparseTableEvict", _evict_case(), num_outputs=1, setup=_setup),
     OpSpec("SparseTableUniqueGrads", _unique_case(), num_outputs=2, setup=_setup),
+    OpSpec("SparseTableRowSplits", _row_splits_case(), num_outputs=1),
 ]
