@@ -60,6 +60,8 @@ Adagrad):
                         over embedding_lookup(..., combiner="sum"), which
                         pushes one gradient row per example
                         (SparseTablePushRagged)
+  hpc_ops, sparse ids   the same on the ids as a tf.SparseTensor (row
+                        splits from SparseTableRowSplits)
   MHT, mod              the same ids as a tf.SparseTensor (made before
                         timing), tf.nn.safe_embedding_lookup_sparse(W, rows,
                         None, combiner="sum") with rows from the MHT or
@@ -386,7 +388,6 @@ def ragged_rows(keys_np, dim, rounds, peers, lr=0.01):
                                      row_splits_dtype=tf.int64)]
   sparse_spec = [tf.SparseTensorSpec([RAGGED_ROWS, None], tf.int64)]
 
-  @tf.function(input_signature=ragged_spec)
   def our_step(ids):
     with tf.GradientTape() as tape:
       out = sparse_table.embedding_lookup(table, ids, trigger, combiner="sum",
@@ -394,10 +395,15 @@ def ragged_rows(keys_np, dim, rounds, peers, lr=0.01):
       loss = tf.reduce_sum(out * C)
     return tape.gradient(loss, trigger)
 
-  our_pull = tf.function(lambda ids: table.pull(ids, combiner="sum"),
-                         input_signature=ragged_spec)
-  variants[("hpc_ops", "combined pull")] = lambda b: our_pull(b[0])
-  variants[("hpc_ops", "train step")] = lambda b: our_step(b[0])
+  def our_pull(ids):
+    return table.pull(ids, combiner="sum")
+
+  for name, spec, i in (("hpc_ops", ragged_spec, 0),
+                        ("hpc_ops, sparse ids", sparse_spec, 1)):
+    pull = tf.function(our_pull, input_signature=spec)
+    step = tf.function(our_step, input_signature=spec)
+    variants[(name, "combined pull")] = lambda b, f=pull, i=i: f(b[i])
+    variants[(name, "train step")] = lambda b, f=step, i=i: f(b[i])
   step0 = int(table.export().step)
   checks.append(lambda: int(table.export().step) > step0)
 

@@ -241,6 +241,45 @@ def test_ragged_pull_adds_each_rows_rows_in_order(combiner, splits_dtype):
   with pytest.raises(ValueError, match="ragged keys of shape \\[rows, None\\]"):
     t.pull(tf.RaggedTensor.from_row_lengths(some, [1, 2]), combiner=combiner)
 
+@pytest.mark.parametrize("combiner", ["sum", "mean"])
+def test_sparse_keys_combine_as_their_ragged_rows(combiner):
+  """pull and embedding_lookup take rank-2 tf.SparseTensor keys with a
+  combiner: each row's keys in order, column gaps allowed (sparse_rows),
+  bit for bit as the same rows of a RaggedTensor, pushes included."""
+  rng = np.random.default_rng(12)
+  lengths = rng.integers(0, 12, size=500)
+  lengths[[0, 7, 499]] = 0
+  rt = tf.RaggedTensor.from_row_lengths(
+      tf.constant(rng.integers(-50, 900, size=lengths.sum()), tf.int64),
+      lengths)
+  sp = tf.sparse.retain(rt.to_sparse(), rt.flat_values >= 0)
+  kept = tf.ragged.boolean_mask(rt, rt >= 0)
+  C = tf.constant(rng.normal(size=(500, 6)).astype(np.float32))
+  results = []
+  for keys in (sp, kept):
+    t = table(dim=6, seed=2, optimizer="adam")
+    trigger = tf.Variable(0.0)
+    with tf.GradientTape() as tape:
+      out = sparse_table.embedding_lookup(t, keys, trigger, combiner=combiner)
+      loss = tf.reduce_sum(out * C)
+    tape.gradient(loss, trigger)
+    results.append([out.numpy(), t.pull(keys, combiner=combiner).numpy(),
+                    *snapshot(t)])
+  for a, b in zip(*results):
+    np.testing.assert_array_equal(a, b)
+  t = table(dim=2)
+  with pytest.raises(ValueError, match="SparseTable.pull: sparse keys need "
+                                       "a combiner"):
+    t.pull(sp)
+  with pytest.raises(ValueError, match="embedding_lookup: sparse keys need "
+                                       "a combiner"):
+    sparse_table.embedding_lookup(t, sp, tf.Variable(0.0))
+  with pytest.raises(ValueError, match="sparse keys of rank 2, got shape "
+                                       "\\(1, 2, 3\\)"):
+    t.pull(tf.SparseTensor([[0, 0, 0]], tf.constant([1], tf.int64),
+                           [1, 2, 3]), combiner=combiner)
+
+
 def test_empty_batches_are_legal():
   t = table(dim=4)
   assert t.pull(tf.zeros([0], tf.int64)).shape == (0, 4)

@@ -119,6 +119,60 @@ def test_ragged_combiners_equal_tensorflows_ragged_reduce(combiner,
       out.flat_values, SparseEmbedding(4, combiner=combiner, seed=3)(ids))
 
 @pytest.mark.parametrize("combiner", ["sum", "mean"])
+def test_sparse_ids_combine_and_train_as_their_ragged_rows(combiner):
+  """Sparse [batch, cols] ids with a combiner (tf.io's VarLenFeature gives
+  them) go through SparseTableRowSplits, not RaggedTensor.from_sparse:
+  columns with gaps (ids dropped by tf.sparse.retain) are accepted, and
+  the layer's outputs and trained table equal those of the same ids as a
+  RaggedTensor bit for bit, in a traced train step; indices out of
+  row-major order give a clean error naming tf.sparse.reorder."""
+  rng = np.random.default_rng(11)
+  lengths = rng.integers(0, 9, size=200)
+  lengths[[0, 50, 199]] = 0
+  rt = tf.RaggedTensor.from_row_lengths(
+      tf.constant(rng.integers(-5, 300, size=lengths.sum()), tf.int64),
+      lengths)
+  # Drop the negative ids: the sparse rows keep gaps where they were.
+  sp = tf.sparse.retain(rt.to_sparse(), rt.flat_values >= 0)
+  kept = tf.ragged.boolean_mask(rt, rt >= 0)
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    tf.RaggedTensor.from_sparse(sp)  # not ragged-right: it had gaps
+  C = tf.constant(rng.normal(size=(200, 4)).astype(np.float32))
+
+  def train(ids, spec):
+    layer = SparseEmbedding(4, combiner=combiner, optimizer="adagrad",
+                            seed=3, learning_rate=0.5)
+    layer.build(None)
+
+    @tf.function(input_signature=[spec])
+    def step(x):
+      with tf.GradientTape() as tape:
+        out = layer(x, training=True)
+        loss = tf.reduce_sum(out * C)
+      tape.gradient(loss, layer.push_trigger)
+      return out
+
+    outs = [step(ids).numpy() for _ in range(2)]
+    return outs, sorted_export(layer.table.export())
+
+  got = train(sp, tf.SparseTensorSpec([None, None], tf.int64))
+  want = train(kept, tf.RaggedTensorSpec([None, None], tf.int64))
+  for a, b in zip(got[0] + got[1], want[0] + want[1]):
+    np.testing.assert_array_equal(a, b)
+  assert got[1][0].size > 0
+  unordered = tf.SparseTensor([[1, 0], [0, 0]], tf.constant([1, 2], tf.int64),
+                              [2, 1])
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match="SparseTableRowSplits: indices must be in "
+                           "row-major order \\(tf.sparse.reorder\\), got row 1 "
+                           "then 0 at 1"):
+    SparseEmbedding(4, combiner=combiner)(unordered)
+  np.testing.assert_array_equal(
+      SparseEmbedding(4, combiner=combiner, seed=2)(tf.sparse.reorder(unordered)),
+      SparseEmbedding(4, combiner=combiner, seed=2)(tf.constant([[2], [1]])))
+
+
+@pytest.mark.parametrize("combiner", ["sum", "mean"])
 @pytest.mark.parametrize("with_transform", [False, True])
 def test_ragged_combiner_pushes_a_row_per_ragged_row(combiner,
                                                      with_transform):

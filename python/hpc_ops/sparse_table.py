@@ -221,8 +221,12 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
     without a row per key in memory; an empty last axis gives zeros. keys
     may be a tf.RaggedTensor: [rows, None] with a combiner gives [rows,
     dim] (each ragged row's rows added, an empty row zeros); without one,
-    the rows as a RaggedTensor. Not differentiable: see `embedding_lookup`.
+    the rows as a RaggedTensor. With a combiner keys may also be a rank-2
+    tf.SparseTensor (its rows combined, see `sparse_rows`). Not
+    differentiable: see `embedding_lookup`.
     """
+    if isinstance(keys, tf.SparseTensor):
+      keys = _sparse_with_combiner(keys, combiner, "SparseTable.pull")
     if isinstance(keys, tf.RaggedTensor):
       keys = _ragged_int64(keys, combiner and "a combiner")
       if combiner is None:
@@ -346,6 +350,13 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
     return cls(**config)
 
 
+def _sparse_with_combiner(keys, combiner, who):
+  if combiner is None:
+    raise ValueError("%s: sparse keys need a combiner (or look up their "
+                     "values)" % who)
+  return sparse_rows(keys)
+
+
 def _as_int64(keys, what):
   keys = tf.convert_to_tensor(keys)
   if keys.dtype not in (tf.int64, tf.int32):
@@ -365,6 +376,20 @@ def _ragged_int64(keys, by_row):
         "(ragged rank 1), got %s (ragged rank %d)"
         % (by_row, keys.shape, keys.ragged_rank))
   return keys.with_flat_values(_as_int64(keys.flat_values, "keys"))
+
+
+def sparse_rows(keys):
+  """The rows of a rank-2 tf.SparseTensor of keys as a tf.RaggedTensor
+  [rows, None] (row splits from SparseTableRowSplits, which checks that
+  the indices are in row-major order). Each row keeps its values' order;
+  unlike tf.RaggedTensor.from_sparse, column indices may have gaps (ids
+  dropped by tf.sparse.retain, say), which a combiner ignores."""
+  if keys.shape.rank is not None and keys.shape.rank != 2:
+    raise ValueError("SparseTable: a combiner takes sparse keys of rank 2, "
+                     "got shape %s" % (keys.shape,))
+  splits = gen_sparse_table_ops.sparse_table_row_splits(keys.indices,
+                                                        keys.dense_shape)
+  return tf.RaggedTensor.from_row_splits(keys.values, splits, validate=False)
 
 
 def unique_grads(keys, grads, name=None):
@@ -394,7 +419,8 @@ def embedding_lookup(table, keys, trigger, insert_missing=True,
   push takes one gradient row per combined row (shared_grads), not a copy
   for each key. keys may be a tf.RaggedTensor [rows, None] with a
   combiner: the pull combines each ragged row (SparseTablePullRagged) and
-  the push gives each key its row's gradient.
+  the push gives each ragged row one gradient row (SparseTablePushRagged);
+  so may a rank-2 tf.SparseTensor (see `sparse_rows`).
   """
   return _lookup(table, keys, trigger, insert_missing, learning_rate,
                  with_probe=False, combiner=combiner)
@@ -418,6 +444,8 @@ def _lookup(table, keys, trigger, insert_missing, learning_rate, with_probe,
   if combiner not in (None, "sum", "mean"):
     raise ValueError("embedding_lookup: combiner must be None, 'sum' or "
                      "'mean', got %r" % (combiner,))
+  if isinstance(keys, tf.SparseTensor):
+    keys = _sparse_with_combiner(keys, combiner, "embedding_lookup")
   ragged = isinstance(keys, tf.RaggedTensor)
   if ragged:
     if combiner is None:
@@ -709,7 +737,10 @@ class SparseEmbedding(keras.layers.Layer):
 
   def call(self, inputs, training=None):
     if isinstance(inputs, tf.SparseTensor):
-      inputs = tf.RaggedTensor.from_sparse(inputs)
+      # Combined rows need only the row ids (column gaps allowed); rows
+      # returned as they are need from_sparse's check that none has gaps.
+      inputs = (sparse_rows(inputs) if self.combiner is not None
+                else tf.RaggedTensor.from_sparse(inputs))
     if isinstance(inputs, tf.RaggedTensor):
       ids = inputs.with_flat_values(self._int64_ids(inputs.flat_values))
       if (self.combiner is not None and ids.ragged_rank == 1
