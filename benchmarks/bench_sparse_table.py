@@ -447,7 +447,8 @@ def ragged_rows(keys_np, dim, rounds, peers, lr=0.01):
   rows = []
   for (name, op), sec in medians.items():
     base, bound = medians.get(("MHT", op)), medians.get(("mod", op))
-    rows.append([name, op, bench_util.fmt_time(sec), "%.1f" % (keys / sec / 1e6),
+    rows.append([name, op, bench_util.fmt_time(sec),
+                 "%.1f" % (keys / sec / 1e6),
                  "%.2fx" % (base / sec) if base else "-",
                  "%.2fx" % (bound / sec) if bound else "-"])
   return rows
