@@ -10,6 +10,7 @@ import tensorflow as tf
 import hpc_ops
 from hpc_ops import gen_sparse_table_ops as gen
 from hpc_ops import sparse_table
+from sparse_ids import sparse_ids_with_gaps
 from table_snapshot import admission_counts, sorted_export
 
 INT64_MAX = np.iinfo(np.int64).max
@@ -246,15 +247,9 @@ def test_sparse_keys_combine_as_their_ragged_rows(combiner):
   """pull and embedding_lookup take rank-2 tf.SparseTensor keys with a
   combiner: each row's keys in order, column gaps allowed (sparse_rows),
   bit for bit as the same rows of a RaggedTensor, pushes included."""
-  rng = np.random.default_rng(12)
-  lengths = rng.integers(0, 12, size=500)
-  lengths[[0, 7, 499]] = 0
-  rt = tf.RaggedTensor.from_row_lengths(
-      tf.constant(rng.integers(-50, 900, size=lengths.sum()), tf.int64),
-      lengths)
-  sp = tf.sparse.retain(rt.to_sparse(), rt.flat_values >= 0)
-  kept = tf.ragged.boolean_mask(rt, rt >= 0)
-  C = tf.constant(rng.normal(size=(500, 6)).astype(np.float32))
+  sp, kept = sparse_ids_with_gaps(12, rows=500, max_len=12, high=900)
+  C = tf.constant(np.random.default_rng(12).normal(size=(500, 6)).astype(
+      np.float32))
   results = []
   for keys in (sp, kept):
     t = table(dim=6, seed=2, optimizer="adam")

@@ -13,6 +13,7 @@ import tensorflow as tf
 import hpc_ops
 from hpc_ops import sparse_table
 from hpc_ops.layers import SparseEmbedding
+from sparse_ids import sparse_ids_with_gaps
 from table_snapshot import sorted_export
 
 
@@ -126,18 +127,11 @@ def test_sparse_ids_combine_and_train_as_their_ragged_rows(combiner):
   the layer's outputs and trained table equal those of the same ids as a
   RaggedTensor bit for bit, in a traced train step; indices out of
   row-major order give a clean error naming tf.sparse.reorder."""
-  rng = np.random.default_rng(11)
-  lengths = rng.integers(0, 9, size=200)
-  lengths[[0, 50, 199]] = 0
-  rt = tf.RaggedTensor.from_row_lengths(
-      tf.constant(rng.integers(-5, 300, size=lengths.sum()), tf.int64),
-      lengths)
-  # Drop the negative ids: the sparse rows keep gaps where they were.
-  sp = tf.sparse.retain(rt.to_sparse(), rt.flat_values >= 0)
-  kept = tf.ragged.boolean_mask(rt, rt >= 0)
+  sp, kept = sparse_ids_with_gaps(11, rows=200, max_len=9, high=300)
   with pytest.raises(tf.errors.InvalidArgumentError):
-    tf.RaggedTensor.from_sparse(sp)  # not ragged-right: it had gaps
-  C = tf.constant(rng.normal(size=(200, 4)).astype(np.float32))
+    tf.RaggedTensor.from_sparse(sp)  # not ragged-right: it has gaps
+  C = tf.constant(np.random.default_rng(11).normal(size=(200, 4)).astype(
+      np.float32))
 
   def train(ids, spec):
     layer = SparseEmbedding(4, combiner=combiner, optimizer="adagrad",
