@@ -506,29 +506,25 @@ def main():
       tf.__version__, os.cpu_count(), alloc,
       "copy" if COPY_READBACK else "view", time.strftime("%Y-%m-%d %H:%M"),
       os.getloadavg()[0]))
-  if args.ragged:
+  if args.ragged or args.keras_fit:  # a table per (N, D) of another workload
     for N in args.N:
       keys_np = bench_util.zipf_batches(N, nbatches=args.nbatches)
       for D in args.dims:
-        bench_util.print_table(
-            "Multi-hot examples, %.0e ids, D %d, 4,096 examples (65,536 ids) "
-            "a batch, each summed, %s allocator (ratios: time of MHT / mod "
-            "over ours, > 1 means ours is faster)" % (N, D, alloc),
-            ["impl", "op", "median/batch", "Mkeys/s", "vs MHT", "vs mod"],
-            ragged_rows(keys_np, D, args.rounds, args.peers))
-    print("load average at the end: %.1f" % os.getloadavg()[0])
-    return
-  if args.keras_fit:
-    for N in args.N:
-      keys_np = bench_util.zipf_batches(N, nbatches=args.nbatches)
-      for D in args.dims:
-        bench_util.print_table(
-            "Keras model.fit, %.0e ids, D %d, 4,096 examples x 16 ids a step, "
-            "%s allocator (time over ours: > 1 means ours is faster)"
-            % (N, D, alloc),
-            ["impl", "optimizer", "median/step", "examples/s", "Mkeys/s",
-             "time over ours"],
-            keras_fit_rows(keys_np, D, args.rounds))
+        if args.ragged:
+          bench_util.print_table(
+              "Multi-hot examples, %.0e ids, D %d, 4,096 examples (65,536 "
+              "ids) a batch, each summed, %s allocator (ratios: time of MHT "
+              "/ mod over ours, > 1 means ours is faster)" % (N, D, alloc),
+              ["impl", "op", "median/batch", "Mkeys/s", "vs MHT", "vs mod"],
+              ragged_rows(keys_np, D, args.rounds, args.peers))
+        else:
+          bench_util.print_table(
+              "Keras model.fit, %.0e ids, D %d, 4,096 examples x 16 ids a "
+              "step, %s allocator (time over ours: > 1 means ours is faster)"
+              % (N, D, alloc),
+              ["impl", "optimizer", "median/step", "examples/s", "Mkeys/s",
+               "time over ours"],
+              keras_fit_rows(keys_np, D, args.rounds))
     print("load average at the end: %.1f" % os.getloadavg()[0])
     return
   rows, mem_rows = [], []
