@@ -590,7 +590,9 @@ def test_unique_grads():
 
 def test_concurrent_pushes_lose_nothing_and_pulls_never_tear():
   """Pushers add -1 per occurrence (SGD, lr 1, grads of 1 in every column)
-  to 16 hot keys; readers pull concurrently (plain and summing pulls).
+  to 16 hot keys, with plain pushes and with ragged ones (a gradient row
+  per ragged row); readers pull concurrently (plain, summing and ragged
+  summing pulls).
   Final values are exactly -(total occurrences); every pulled row has all
   columns equal (a torn row would mix two versions) and values never go
   back up."""
@@ -605,29 +607,45 @@ def test_concurrent_pushes_lose_nothing_and_pulls_never_tear():
                            rng.integers(1000, 10**6, size=2000)])
     batches.append(tf.constant(rng.permutation(keys)))
   grads = [tf.ones([int(b.shape[0]), dim]) for b in batches]
+  # The same keys in ragged rows of 0-15 keys, a gradient row each.
+  ragged = []
+  for b in batches:
+    cuts = np.sort(rng.integers(0, int(b.shape[0]) + 1, size=499))
+    ragged.append(tf.RaggedTensor.from_row_splits(
+        b, np.concatenate([[0], cuts, [int(b.shape[0])]])))
+  ragged_grads = tf.ones([500, dim])
   pushes_per_thread, num_pushers = 25, 4
   push_fn = tf.function(lambda k, g: t.push(k, g, 1.0))
+  ragged_push_fn = tf.function(
+      lambda k, g: t.push(k, g, 1.0, shared_grads=True))
   errors, stop = [], threading.Event()
 
   def pusher(i):
     try:
       for j in range(pushes_per_thread):
         b = (i + j) % len(batches)
-        if j % 2 == 0:  # eager op, then a tf.function call, alternately
+        if j % 4 == 0:  # eager ops and tf.function calls, in turns
           t.push(batches[b], grads[b], 1.0)
-        else:
+        elif j % 4 == 1:
           push_fn(batches[b], grads[b])
+        elif j % 4 == 2:
+          t.push(ragged[b], ragged_grads, 1.0, shared_grads=True)
+        else:
+          ragged_push_fn(ragged[b], ragged_grads)
     except Exception as e:  # pragma: no cover - reported below
       errors.append(e)
 
   def reader():
-    # Plain pulls, and pulls that sum four hot rows each (all under the
-    # same locks: the sums' columns are equal too, and never go back up).
-    last = [np.zeros(len(hot)), np.zeros(len(hot) // 4)]
+    # Plain pulls, and pulls that sum hot rows, dense and ragged (all under
+    # the same locks: the sums' columns are equal too, and never go back
+    # up).
+    by_row = tf.RaggedTensor.from_row_lengths(hot, [3, 0, 8, 5])
+    last = [np.zeros(len(hot)), np.zeros(len(hot) // 4), np.zeros(4)]
     try:
       while not stop.is_set():
         for j, v in enumerate((t.pull(hot).numpy(),
-                               t.pull(hot.reshape(4, 4), combiner="sum").numpy())):
+                               t.pull(hot.reshape(4, 4), combiner="sum").numpy(),
+                               t.pull(by_row, combiner="sum").numpy())):
           if not (v == v[:, :1]).all():
             errors.append(AssertionError("torn row: %s" % v))
             return
