@@ -505,18 +505,25 @@ def test_model_fit_trains_the_table(keras_optimizer):
   assert int(emb.table.export().step) == 6 * 1024 // 64
 
 
-def test_model_fit_with_ragged_ids():
+@pytest.mark.parametrize("form", ["ragged", "sparse"])
+def test_model_fit_with_ragged_ids(form):
+  """model.fit on ragged [batch, None] ids, or the same ids as a
+  tf.SparseTensor (keras.Input(sparse=True), as tf.io's VarLenFeature gives
+  them), summed per example, some examples empty: the loss falls and every
+  id gets a row."""
   rng = np.random.default_rng(1)
-  lengths = rng.integers(1, 5, size=256)
+  lengths = rng.integers(0 if form == "sparse" else 1, 5, size=256)
   flat = rng.integers(0, 50, size=lengths.sum()).astype(np.int64)
   rt = tf.RaggedTensor.from_row_lengths(flat, lengths)
   w = rng.normal(size=50)
   y = np.array([w[r].sum() for r in np.split(flat, np.cumsum(lengths)[:-1])], np.float32)[:, None]
-  inp = keras.Input(shape=(None,), dtype="int64", ragged=True)
+  inp = keras.Input(shape=(None,), dtype="int64", **{form: True})
   emb = SparseEmbedding(4, combiner="sum", optimizer="adagrad", learning_rate=0.3)
   model = keras.Model(inp, keras.layers.Dense(1)(emb(inp)))
   model.compile(optimizer="adam", loss="mse")
   ds = tf.data.Dataset.from_tensor_slices((rt, y)).batch(32)
+  if form == "sparse":
+    ds = ds.map(lambda ids, label: (ids.to_sparse(), label))
   hist = model.fit(ds, epochs=5, verbose=0, shuffle=False)
   assert hist.history["loss"][-1] < 0.6 * hist.history["loss"][0], hist.history["loss"]
   assert int(emb.table.size()) == len(np.unique(flat))
