@@ -216,6 +216,67 @@ def test_ragged_combiner_pushes_a_row_per_ragged_row(combiner,
                        else "SparseTablePushRagged"}
 
 
+@pytest.mark.parametrize("combiner", ["sum", "mean"])
+def test_ids_of_ragged_rank_2_combine_their_innermost_rows(combiner):
+  """[batch, None, None] ids: the innermost rows are combined by the ragged
+  pull and pushed a row each, the outer rows kept: outputs and trained
+  table bit for bit those of TensorFlow's reduce over the innermost axis
+  after a lookup of every id. Ragged ids with a uniform inner axis
+  ([batch, None, 3]) combine that axis, as dense ids do."""
+  rng = np.random.default_rng(13)
+  inner = rng.integers(0, 6, size=400)
+  inner[[0, 9, 399]] = 0
+  flat = tf.constant(rng.integers(0, 700, size=inner.sum()), tf.int64)
+  cuts = np.sort(rng.integers(0, 401, size=99))
+  cuts[0] = 0  # the first example and the 12th have no inner rows
+  cuts[11] = cuts[10]
+  outer = np.diff(np.concatenate([[0], cuts, [400]]))
+  ids = tf.RaggedTensor.from_row_lengths(
+      tf.RaggedTensor.from_row_lengths(flat, inner), outer)
+  assert ids.ragged_rank == 2
+  C = tf.constant(rng.normal(size=(400, 4)).astype(np.float32))
+
+  def train(by_layer):
+    layer = SparseEmbedding(4, combiner=combiner, optimizer="adagrad",
+                            seed=3, learning_rate=0.5)
+    layer.build(None)
+
+    @tf.function
+    def step():
+      with tf.GradientTape() as tape:
+        if by_layer:
+          out = layer(ids, training=True)
+        else:
+          rows = sparse_table.embedding_lookup(
+              layer.table, ids.flat_values, layer.push_trigger)
+          out = (tf.reduce_sum if combiner == "sum" else tf.reduce_mean)(
+              ids.with_flat_values(rows), axis=2)
+          out = out.with_flat_values(tf.where(
+              tf.math.is_nan(out.flat_values), 0.0, out.flat_values))
+        loss = tf.reduce_sum(out.flat_values * C)
+      tape.gradient(loss, layer.push_trigger)
+      return out
+
+    outs = [step() for _ in range(2)]
+    assert outs[0].shape.as_list() == [100, None, 4]
+    pulls = {op.type for op in step.get_concrete_function().graph.get_operations()
+             if op.type.startswith("SparseTablePull")}
+    assert pulls == {"SparseTablePullRagged" if by_layer else "SparseTablePull"}
+    return ([o.flat_values.numpy() for o in outs] +
+            sorted_export(layer.table.export()))
+
+  for a, b in zip(train(True), train(False)):
+    np.testing.assert_array_equal(a, b)
+  # A uniform inner axis: combined like dense ids' last axis.
+  layer = SparseEmbedding(4, combiner=combiner, seed=5)
+  uniform = tf.RaggedTensor.from_row_lengths(
+      tf.reshape(flat[:300], [100, 3]), [40, 0, 60])
+  out = layer(uniform)
+  assert out.shape.as_list() == [3, None, 4]
+  np.testing.assert_array_equal(
+      out.flat_values, layer(tf.reshape(flat[:300], [100, 3])))
+
+
 def test_inference_does_not_insert_training_does():
   layer = SparseEmbedding(4, seed=1)
   layer(np.array([[1, 2]]))  # training=None: inference

@@ -378,6 +378,14 @@ def _ragged_int64(keys, by_row):
   return keys.with_flat_values(_as_int64(keys.flat_values, "keys"))
 
 
+def _with_innermost(ragged, fn):
+  """`ragged` with its innermost [rows, None] part (ragged rank 1) replaced
+  by fn of it, its outer row partitions kept."""
+  if ragged.ragged_rank == 1:
+    return fn(ragged)
+  return ragged.with_values(_with_innermost(ragged.values, fn))
+
+
 def sparse_rows(keys):
   """The rows of a rank-2 tf.SparseTensor of keys as a tf.RaggedTensor
   [rows, None] (row splits from SparseTableRowSplits, which checks that
@@ -743,19 +751,18 @@ class SparseEmbedding(keras.layers.Layer):
                 else tf.RaggedTensor.from_sparse(inputs))
     if isinstance(inputs, tf.RaggedTensor):
       ids = inputs.with_flat_values(self._int64_ids(inputs.flat_values))
-      if (self.combiner is not None and ids.ragged_rank == 1
-          and ids.flat_values.shape.rank == 1):
-        # [batch, None] ids: each row's rows summed by the pull itself.
-        return tf.cast(self._rows(ids, training, self.combiner),
-                       self.compute_dtype)
-      rows = self._rows(ids.flat_values, training)
       if self.combiner is None:
-        return tf.cast(inputs.with_flat_values(rows), self.compute_dtype)
-      total = tf.reduce_sum(inputs.with_flat_values(rows), axis=-2)
-      if self.combiner == "mean":
-        count = tf.reduce_sum(tf.ones_like(inputs, tf.float32), axis=-1)
-        total = total / tf.maximum(count, 1.0)[..., tf.newaxis]
-      return tf.cast(total, self.compute_dtype)
+        rows = self._rows(ids.flat_values, training)
+      elif ids.flat_values.shape.rank != 1:
+        # Uniform inner axes: their last is combined, as for dense ids.
+        rows = self._rows(ids.flat_values, training, self.combiner)
+      else:
+        # The innermost ragged rows are combined by the pull itself
+        # (SparseTablePullRagged); the outer row partitions stay.
+        return tf.cast(_with_innermost(
+            ids, lambda inner: self._rows(inner, training, self.combiner)),
+                       self.compute_dtype)
+      return tf.cast(ids.with_flat_values(rows), self.compute_dtype)
     ids = self._int64_ids(tf.convert_to_tensor(inputs))
     if self.combiner is not None and ids.shape.rank == 1:
       ids = ids[:, tf.newaxis]
