@@ -389,6 +389,36 @@ def test_loss_scaling_pushes_the_unscaled_gradient(mode, scale):
                              rtol=rtol)
 
 
+@pytest.mark.parametrize("scale", [1024.0, 0.25])
+def test_loss_scaling_with_ragged_ids_pushes_the_unscaled_row_gradient(scale):
+  """Ragged ids with a combiner push a gradient row per example
+  (SparseTablePushRagged) through the same loss-scale handling: the
+  gradient of the unscaled loss under a scale above 1, as it is below;
+  nothing pushed (and a NaN for the trigger) when it overflowed."""
+  layer = SparseEmbedding(3, combiner="sum", optimizer="sgd", learning_rate=0.5,
+                          initializer="zeros")
+  ids = tf.ragged.constant([[1, 2], [], [2, 2]], dtype=tf.int64)
+
+  @tf.function
+  def step(C):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(layer(ids, training=True) * C) + tf.add_n(layer.losses)
+      scaled = loss * scale
+    return tape.gradient(scaled, layer.trainable_variables)[0]
+
+  C = np.arange(9, dtype=np.float32).reshape(3, 3)
+  assert float(step(tf.constant(C))) == 0.0
+  c = C * min(scale, 1.0)
+  np.testing.assert_array_equal(rows(layer, [1]), [-0.5 * c[0]])
+  np.testing.assert_array_equal(rows(layer, [2]), [-0.5 * (c[0] + 2 * c[2])])
+  C[2, 1] = np.inf
+  if scale > 1:
+    before = rows(layer, [1, 2])
+    assert np.isnan(float(step(tf.constant(C))))
+    np.testing.assert_array_equal(rows(layer, [1, 2]), before)
+    assert int(layer.table.export().step) == 1
+
+
 def test_mirrored_strategy_replicas_push_the_batch_gradient(fresh_python):
   """Two replicas of a tf.distribute.MirroredStrategy (two logical CPUs),
   each pushing its half of the batch into the one table: together the
