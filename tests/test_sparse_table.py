@@ -239,8 +239,18 @@ def test_ragged_pull_adds_each_rows_rows_in_order(combiner, splits_dtype):
   f = tf.function(lambda k: t.pull(k, combiner=combiner), input_signature=[
       tf.RaggedTensorSpec([None, None], tf.int64, row_splits_dtype=tf.int64)])
   assert f.get_concrete_function().output_shapes.as_list() == [None, 3]
-  with pytest.raises(ValueError, match="ragged keys of shape \\[rows, None\\]"):
-    t.pull(tf.RaggedTensor.from_row_lengths(some, [1, 2]), combiner=combiner)
+  # Higher ragged rank: the innermost rows combined, the outer kept; a
+  # uniform inner axis combined as dense keys' last axis.
+  nested = t.pull(tf.RaggedTensor.from_row_lengths(some, [1, 0, 2]),
+                  combiner=combiner)
+  assert nested.shape.as_list() == [3, None, 3]
+  np.testing.assert_array_equal(nested.flat_values,
+                                t.pull(some, combiner=combiner))
+  uniform = tf.RaggedTensor.from_row_lengths(keys[:12].reshape(6, 2),
+                                             [2, 0, 4])
+  np.testing.assert_array_equal(
+      t.pull(uniform, insert_missing=False, combiner=combiner).flat_values,
+      t.pull(keys[:12].reshape(6, 2), insert_missing=False, combiner=combiner))
 
 @pytest.mark.parametrize("combiner", ["sum", "mean"])
 def test_sparse_keys_combine_as_their_ragged_rows(combiner):

@@ -221,20 +221,25 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
     without a row per key in memory; an empty last axis gives zeros. keys
     may be a tf.RaggedTensor: [rows, None] with a combiner gives [rows,
     dim] (each ragged row's rows added, an empty row zeros); without one,
-    the rows as a RaggedTensor. With a combiner keys may also be a rank-2
+    the rows as a RaggedTensor. Ragged keys of higher ragged rank combine
+    their innermost rows, [rows, None, None] giving [rows, None, dim];
+    ragged keys with a uniform inner axis ([rows, None, 3]) combine that
+    axis as dense keys do. With a combiner keys may also be a rank-2
     tf.SparseTensor (its rows combined, see `sparse_rows`). Not
     differentiable: see `embedding_lookup`.
     """
     if isinstance(keys, tf.SparseTensor):
       keys = _sparse_with_combiner(keys, combiner, "SparseTable.pull")
     if isinstance(keys, tf.RaggedTensor):
-      keys = _ragged_int64(keys, combiner and "a combiner")
+      keys = _ragged_int64(keys, None)
       if combiner is None:
         return keys.with_flat_values(self.pull(keys.flat_values,
                                                insert_missing, name=name))
-      return gen_sparse_table_ops.sparse_table_pull_ragged(
-          self.resource_handle, keys.values, keys.row_splits, dim=self._dim,
-          insert_missing=insert_missing, combiner=combiner, name=name)
+      return _combine_ragged(
+          keys, lambda k: self.pull(k, insert_missing, combiner, name),
+          lambda k: gen_sparse_table_ops.sparse_table_pull_ragged(
+              self.resource_handle, k.values, k.row_splits, dim=self._dim,
+              insert_missing=insert_missing, combiner=combiner, name=name))
     keys = _as_int64(keys, "keys")
     return gen_sparse_table_ops.sparse_table_pull(
         self.resource_handle, keys, dim=self._dim,
@@ -378,12 +383,21 @@ def _ragged_int64(keys, by_row):
   return keys.with_flat_values(_as_int64(keys.flat_values, "keys"))
 
 
-def _with_innermost(ragged, fn):
-  """`ragged` with its innermost [rows, None] part (ragged rank 1) replaced
-  by fn of it, its outer row partitions kept."""
-  if ragged.ragged_rank == 1:
-    return fn(ragged)
-  return ragged.with_values(_with_innermost(ragged.values, fn))
+def _combine_ragged(keys, combine_dense, combine_rows):
+  """What a combiner makes of ragged keys: with a uniform last axis (flat
+  values of rank > 1), combine_dense of the flat values, which combines
+  that axis; else combine_rows of the innermost [rows, None] part (ragged
+  rank 1). The outer row partitions are kept either way."""
+  rank = keys.flat_values.shape.rank
+  if rank is None:
+    raise ValueError("SparseTable: a combiner needs ragged keys whose "
+                     "flat_values have a known rank, got %s" % (keys,))
+  if rank > 1:
+    return keys.with_flat_values(combine_dense(keys.flat_values))
+  if keys.ragged_rank == 1:
+    return combine_rows(keys)
+  return keys.with_values(_combine_ragged(keys.values, combine_dense,
+                                          combine_rows))
 
 
 def sparse_rows(keys):
@@ -428,7 +442,9 @@ def embedding_lookup(table, keys, trigger, insert_missing=True,
   for each key. keys may be a tf.RaggedTensor [rows, None] with a
   combiner: the pull combines each ragged row (SparseTablePullRagged) and
   the push gives each ragged row one gradient row (SparseTablePushRagged);
-  so may a rank-2 tf.SparseTensor (see `sparse_rows`).
+  so may a rank-2 tf.SparseTensor (see `sparse_rows`). Ragged keys of
+  higher ragged rank, or with a uniform inner axis, combine as in
+  SparseTable.pull.
   """
   return _lookup(table, keys, trigger, insert_missing, learning_rate,
                  with_probe=False, combiner=combiner)
@@ -459,7 +475,22 @@ def _lookup(table, keys, trigger, insert_missing, learning_rate, with_probe,
     if combiner is None:
       raise ValueError("embedding_lookup: ragged keys need a combiner (or "
                        "look up their flat_values)")
-    keys = _ragged_int64(keys, "a combiner")
+    keys = _ragged_int64(keys, None)
+    if keys.ragged_rank > 1 or keys.flat_values.shape.rank != 1:
+      # A uniform inner axis or the innermost ragged rows, looked up (and
+      # pushed) on their own, the outer row partitions kept.
+      probes = []
+
+      def part(k):
+        out = _lookup(table, k, trigger, insert_missing, learning_rate,
+                      with_probe, combiner)
+        if with_probe:
+          probes.append(out[1])
+          return out[0]
+        return out
+
+      rows = _combine_ragged(keys, part, part)
+      return (rows, probes[0]) if with_probe else rows
   else:
     keys = _as_int64(keys, "keys")
   dim = table.dim
@@ -753,21 +784,15 @@ class SparseEmbedding(keras.layers.Layer):
       ids = inputs.with_flat_values(self._int64_ids(inputs.flat_values))
       if self.combiner is None:
         rows = self._rows(ids.flat_values, training)
-      elif ids.flat_values.shape.rank != 1:
-        # Uniform inner axes: their last is combined, as for dense ids.
-        rows = self._rows(ids.flat_values, training, self.combiner)
-      else:
-        # The innermost ragged rows are combined by the pull itself
-        # (SparseTablePullRagged); the outer row partitions stay.
-        return tf.cast(_with_innermost(
-            ids, lambda inner: self._rows(inner, training, self.combiner)),
-                       self.compute_dtype)
-      return tf.cast(ids.with_flat_values(rows), self.compute_dtype)
-    ids = self._int64_ids(tf.convert_to_tensor(inputs))
-    if self.combiner is not None and ids.shape.rank == 1:
-      ids = ids[:, tf.newaxis]
-    emb = self._rows(ids, training, self.combiner)
-    return tf.cast(emb, self.compute_dtype)
+        return tf.cast(ids.with_flat_values(rows), self.compute_dtype)
+      # Combined by the pull: each innermost ragged row
+      # (SparseTablePullRagged), or a uniform inner axis as for dense ids.
+    else:
+      ids = self._int64_ids(tf.convert_to_tensor(inputs))
+      if self.combiner is not None and ids.shape.rank == 1:
+        ids = ids[:, tf.newaxis]
+    return tf.cast(self._rows(ids, training, self.combiner),
+                   self.compute_dtype)
 
   def compute_output_shape(self, input_shape):
     shape = tuple(input_shape)
