@@ -64,6 +64,45 @@ def test_ragged_and_sparse_ids():
 
 
 
+def train_against_ragged_reduce(ids, combiner, C):
+  """Two traced train steps (loss sum(out * C), Adagrad) of a
+  SparseEmbedding on ragged ids and of the reference, a lookup of every id
+  then TensorFlow's ragged reduce over the innermost axis (empty rows'
+  mean set to 0). Per side: ([the outputs' flat values..., the table's
+  export], the pull ops the step traced)."""
+
+  def flat(x):
+    return x.flat_values if isinstance(x, tf.RaggedTensor) else x
+
+  def train(by_layer):
+    layer = SparseEmbedding(4, combiner=combiner, optimizer="adagrad",
+                            seed=3, learning_rate=0.5)
+    layer.build(None)
+
+    @tf.function
+    def step():
+      with tf.GradientTape() as tape:
+        if by_layer:
+          out = layer(ids, training=True)
+        else:
+          rows = sparse_table.embedding_lookup(
+              layer.table, ids.flat_values, layer.push_trigger)
+          out = (tf.reduce_sum if combiner == "sum" else tf.reduce_mean)(
+              ids.with_flat_values(rows), axis=ids.ragged_rank)
+          out = tf.ragged.map_flat_values(
+              lambda v: tf.where(tf.math.is_nan(v), 0.0, v), out)
+        loss = tf.reduce_sum(flat(out) * C)
+      tape.gradient(loss, layer.push_trigger)
+      return out
+
+    outs = [flat(step()).numpy() for _ in range(2)]
+    pulls = {op.type for op in step.get_concrete_function().graph.get_operations()
+             if op.type.startswith("SparseTablePull")}
+    return outs + sorted_export(layer.table.export()), pulls
+
+  return train(True), train(False)
+
+
 @pytest.mark.parametrize("combiner", ["sum", "mean"])
 @pytest.mark.parametrize("splits_dtype", [tf.int64, tf.int32])
 def test_ragged_combiners_equal_tensorflows_ragged_reduce(combiner,
@@ -83,35 +122,10 @@ def test_ragged_combiners_equal_tensorflows_ragged_reduce(combiner,
       tf.constant(rng.integers(0, 500, size=lengths.sum()), tf.int64),
       tf.constant(lengths, splits_dtype))
   C = tf.constant(rng.normal(size=(300, 4)).astype(np.float32))
-
-  def train(by_layer):
-    layer = SparseEmbedding(4, combiner=combiner, optimizer="adagrad",
-                            seed=3, learning_rate=0.5)
-    layer.build(None)
-
-    @tf.function
-    def step():
-      with tf.GradientTape() as tape:
-        if by_layer:
-          out = layer(ids, training=True)
-        else:
-          rows = sparse_table.embedding_lookup(
-              layer.table, ids.flat_values, layer.push_trigger)
-          out = (tf.reduce_sum if combiner == "sum" else tf.reduce_mean)(
-              ids.with_flat_values(rows), axis=1)
-          out = tf.where(tf.math.is_nan(out), 0.0, out)  # empty rows' mean
-        loss = tf.reduce_sum(out * C)
-      tape.gradient(loss, layer.push_trigger)
-      return out
-
-    outs = [step().numpy() for _ in range(2)]
-    return outs, sorted_export(layer.table.export())
-
-  (outs, table), (ref_outs, ref_table) = train(True), train(False)
-  for a, b in zip(outs, ref_outs):
+  (got, pulls), (want, _) = train_against_ragged_reduce(ids, combiner, C)
+  for a, b in zip(got, want):
     np.testing.assert_array_equal(a, b)
-  for a, b in zip(table, ref_table):
-    np.testing.assert_array_equal(a, b)
+  assert pulls == {"SparseTablePullRagged"}
   nested = tf.RaggedTensor.from_row_lengths(ids, [2, 0, 298])
   out = SparseEmbedding(4, combiner=combiner, seed=3)(nested)
   assert isinstance(out, tf.RaggedTensor)
@@ -235,38 +249,14 @@ def test_ids_of_ragged_rank_2_combine_their_innermost_rows(combiner):
       tf.RaggedTensor.from_row_lengths(flat, inner), outer)
   assert ids.ragged_rank == 2
   C = tf.constant(rng.normal(size=(400, 4)).astype(np.float32))
-
-  def train(by_layer):
-    layer = SparseEmbedding(4, combiner=combiner, optimizer="adagrad",
-                            seed=3, learning_rate=0.5)
-    layer.build(None)
-
-    @tf.function
-    def step():
-      with tf.GradientTape() as tape:
-        if by_layer:
-          out = layer(ids, training=True)
-        else:
-          rows = sparse_table.embedding_lookup(
-              layer.table, ids.flat_values, layer.push_trigger)
-          out = (tf.reduce_sum if combiner == "sum" else tf.reduce_mean)(
-              ids.with_flat_values(rows), axis=2)
-          out = out.with_flat_values(tf.where(
-              tf.math.is_nan(out.flat_values), 0.0, out.flat_values))
-        loss = tf.reduce_sum(out.flat_values * C)
-      tape.gradient(loss, layer.push_trigger)
-      return out
-
-    outs = [step() for _ in range(2)]
-    assert outs[0].shape.as_list() == [100, None, 4]
-    pulls = {op.type for op in step.get_concrete_function().graph.get_operations()
-             if op.type.startswith("SparseTablePull")}
-    assert pulls == {"SparseTablePullRagged" if by_layer else "SparseTablePull"}
-    return ([o.flat_values.numpy() for o in outs] +
-            sorted_export(layer.table.export()))
-
-  for a, b in zip(train(True), train(False)):
+  (got, pulls), (want, ref_pulls) = train_against_ragged_reduce(
+      ids, combiner, C)
+  for a, b in zip(got, want):
     np.testing.assert_array_equal(a, b)
+  assert pulls == {"SparseTablePullRagged"}
+  assert ref_pulls == {"SparseTablePull"}
+  assert SparseEmbedding(4, combiner=combiner)(ids).shape.as_list() == [
+      100, None, 4]
   # A uniform inner axis: combined like dense ids' last axis.
   layer = SparseEmbedding(4, combiner=combiner, seed=5)
   uniform = tf.RaggedTensor.from_row_lengths(
