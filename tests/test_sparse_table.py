@@ -559,10 +559,27 @@ def test_ragged_push_with_shared_grads_equals_a_row_per_key(opt,
   empty = tf.RaggedTensor.from_row_splits(tf.zeros([0], tf.int64), [0, 0, 0])
   assert int(t.push(empty, tf.ones([2, 2]), 0.1, shared_grads=True)) == 1
   assert int(t.size()) == 0
-  with pytest.raises(ValueError, match="shared_grads takes ragged keys of "
-                                       "shape \\[rows, None\\]"):
-    t.push(tf.RaggedTensor.from_row_lengths(ids[:3], [1, 2]), tf.ones([2, 2]),
-           0.1, shared_grads=True)
+  # Higher ragged rank: the innermost rows share the rows, grads as the
+  # combining pull gives them (ragged or flat); a uniform inner axis
+  # shares as dense keys' last axis.
+  outer = tf.RaggedTensor.from_row_lengths(ids, [1000, 0, 2000])
+  pulled = table(dim=dim).pull(outer, combiner="sum")
+  assert pulled.shape.as_list() == [3, None, dim]
+  for grads in (pulled.with_flat_values(tf.constant(shared)), shared):
+    t = table(dim=dim, optimizer=opt, seed=3, num_shards=16)
+    t.push(outer, grads, 0.1, shared_grads=True)
+    t.push(outer, grads, 0.05, shared_grads=True)
+    for a, b in zip(snapshot(t), reference[0]):
+      np.testing.assert_array_equal(a, b)
+  uniform = tf.RaggedTensor.from_row_lengths(keys[:300].reshape(100, 3),
+                                             [40, 0, 60])
+  results = []
+  for k in (uniform, keys[:300].reshape(100, 3)):
+    t = table(dim=dim, optimizer=opt, seed=3)
+    t.push(k, shared[:100], 0.1, shared_grads=True)
+    results.append(snapshot(t))
+  for a, b in zip(*results):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_push_creates_missing_rows_from_their_initial_value():

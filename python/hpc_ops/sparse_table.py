@@ -231,7 +231,7 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
     if isinstance(keys, tf.SparseTensor):
       keys = _sparse_with_combiner(keys, combiner, "SparseTable.pull")
     if isinstance(keys, tf.RaggedTensor):
-      keys = _ragged_int64(keys, None)
+      keys = _ragged_int64(keys)
       if combiner is None:
         return keys.with_flat_values(self.pull(keys.flat_values,
                                                insert_missing, name=name))
@@ -254,20 +254,25 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
     embedding), used for each of them without copies. keys may be a
     tf.RaggedTensor: [rows, None] with shared_grads gives each ragged row
     one gradient row (grads [rows, dim], the gradient of
-    pull(keys, combiner="sum")); without it grads holds a row per key (a
-    RaggedTensor [rows, None, dim] or its flat values [n, dim]).
+    pull(keys, combiner="sum")); so does each innermost row of keys of
+    higher ragged rank (grads as that pull gives them, ragged, or their
+    flat values), and keys with a uniform inner axis share as dense keys
+    do. Without shared_grads grads holds a row per key (a RaggedTensor
+    [rows, None, dim] or its flat values [n, dim]).
     Returns the table's step after this push (int64 scalar)."""
     lr = self.learning_rate if learning_rate is None else tf.cast(
         learning_rate, tf.float32)
     if isinstance(keys, tf.RaggedTensor):
-      keys = _ragged_int64(keys, shared_grads and "shared_grads")
-      if shared_grads:
+      keys = _ragged_int64(keys)
+      if isinstance(grads, tf.RaggedTensor):
+        grads = grads.flat_values
+      if shared_grads and keys.flat_values.shape.rank == 1:
+        while keys.ragged_rank > 1:  # the innermost rows share the rows
+          keys = keys.values
         return gen_sparse_table_ops.sparse_table_push_ragged(
             self.resource_handle, keys.values, keys.row_splits,
             tf.convert_to_tensor(grads, tf.float32), lr, name=name)
       keys = keys.flat_values
-      if isinstance(grads, tf.RaggedTensor):
-        grads = grads.flat_values
     keys = _as_int64(keys, "keys")
     grads = tf.convert_to_tensor(grads, tf.float32)
     return gen_sparse_table_ops.sparse_table_push(
@@ -370,16 +375,8 @@ def _as_int64(keys, what):
   return tf.cast(keys, tf.int64)
 
 
-def _ragged_int64(keys, by_row):
-  """Ragged keys with int64 values. by_row: a description of the use that
-  takes a row per ragged row (a combiner, shared_grads), which needs keys
-  of shape [rows, None]; None for a row per key."""
-  if by_row is not None and (keys.ragged_rank != 1
-                             or keys.flat_values.shape.rank != 1):
-    raise ValueError(
-        "SparseTable: %s takes ragged keys of shape [rows, None] "
-        "(ragged rank 1), got %s (ragged rank %d)"
-        % (by_row, keys.shape, keys.ragged_rank))
+def _ragged_int64(keys):
+  """Ragged keys with int64 values."""
   return keys.with_flat_values(_as_int64(keys.flat_values, "keys"))
 
 
@@ -475,7 +472,7 @@ def _lookup(table, keys, trigger, insert_missing, learning_rate, with_probe,
     if combiner is None:
       raise ValueError("embedding_lookup: ragged keys need a combiner (or "
                        "look up their flat_values)")
-    keys = _ragged_int64(keys, None)
+    keys = _ragged_int64(keys)
     if keys.ragged_rank > 1 or keys.flat_values.shape.rank != 1:
       # A uniform inner axis or the innermost ragged rows, looked up (and
       # pushed) on their own, the outer row partitions kept.
