@@ -282,7 +282,14 @@ template <typename Device>
 class PushOpBase : public OpKernel {
  public:
   PushOpBase(OpKernelConstruction* ctx, const char* op, int grads_index)
-      : OpKernel(ctx), op_(op), grads_index_(grads_index) {}
+      : OpKernel(ctx), op_(op), grads_index_(grads_index) {
+    std::string combiner;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("combiner", &combiner));
+    OP_REQUIRES(ctx, combiner == "sum" || combiner == "mean",
+                errors::InvalidArgument(op, ": attr combiner='", combiner,
+                                        "' must be 'sum' or 'mean'"));
+    mean_ = combiner == "mean";
+  }
 
   void Compute(OpKernelContext* ctx) final {
     tensorflow::core::RefCountPtr<SparseTable> table;
@@ -325,12 +332,25 @@ class PushOpBase : public OpKernel {
                       op_, ": learning_rate must be > 0 for the ftrl optimizer, got ",
                       learning_rate));
     }
+    const float* g = grads.flat<float>().data();
+    Tensor means;
+    if (mean_ && n > 0) {  // each row divided by the number of keys sharing it
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, grads.shape(), &means));
+      float* out = means.flat<float>().data();
+      const int64_t dim = table->dim();
+      for (int64_t r = 0; r < groups.count; ++r) {
+        const float size =
+            static_cast<float>(std::max<int64_t>(1, groups.Begin(r + 1) - groups.Begin(r)));
+        for (int64_t j = 0; j < dim; ++j) out[r * dim + j] = g[r * dim + j] / size;
+      }
+      g = out;
+    }
     Tensor* step = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &step));
-    OP_REQUIRES_OK(ctx, functor::SparseTablePush<Device>()(
-                            ctx, table.get(), keys.flat<int64_t>().data(), n,
-                            grads.flat<float>().data(), groups, learning_rate,
-                            &step->scalar<int64_t>()()));
+    OP_REQUIRES_OK(ctx, functor::SparseTablePush<Device>()(ctx, table.get(),
+                                                           keys.flat<int64_t>().data(), n, g,
+                                                           groups, learning_rate,
+                                                           &step->scalar<int64_t>()()));
   }
 
  protected:
@@ -343,6 +363,7 @@ class PushOpBase : public OpKernel {
 
   const char* const op_;
   const int grads_index_;
+  bool mean_ = false;
 };
 
 template <typename Device>
@@ -351,6 +372,8 @@ class SparseTablePushOp : public PushOpBase<Device> {
   explicit SparseTablePushOp(OpKernelConstruction* ctx)
       : PushOpBase<Device>(ctx, "SparseTablePush", 2) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("shared_grads", &shared_grads_));
+    OP_REQUIRES(ctx, !this->mean_ || shared_grads_,
+                errors::InvalidArgument("SparseTablePush: combiner 'mean' needs shared_grads"));
   }
 
  private:

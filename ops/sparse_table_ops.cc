@@ -217,6 +217,7 @@ REGISTER_OP("SparseTablePush")
     .Input("learning_rate: float")
     .Output("step: int64")
     .Attr("shared_grads: bool = false")
+    .Attr("combiner: {'sum', 'mean'} = 'sum'")
     .SetIsStateful()
     .SetShapeFn([](InferenceContext* c) {
       constexpr char kOp[] = "SparseTablePush";
@@ -224,6 +225,12 @@ REGISTER_OP("SparseTablePush")
       ShapeHandle unused;
       bool shared_grads = false;
       TF_RETURN_IF_ERROR(c->GetAttr("shared_grads", &shared_grads));
+      std::string combiner;
+      TF_RETURN_IF_ERROR(c->GetAttr("combiner", &combiner));
+      if (combiner == "mean" && !shared_grads) {
+        return absl::InvalidArgumentError(
+            "SparseTablePush: combiner 'mean' needs shared_grads");
+      }
       TF_RETURN_IF_ERROR(MergeGrads(c, kOp, 1, 2, &unused, shared_grads));
       TF_RETURN_IF_ERROR(CheckRank(c, kOp, 3, "learning_rate", 0, &unused));
       c->set_output(0, c->Scalar());
@@ -244,6 +251,9 @@ step: The table's step after this push (1 for the first push).
 shared_grads: Whether the keys of keys[..., j] share one gradient row: the
   key at [i..., j] takes grads[i..., :], as the ids of one example summed
   into one embedding do, with no copy of the row per key.
+combiner: With shared_grads, 'mean' divides each gradient row by the number
+  of keys sharing it (the gradient of SparseTablePull's 'mean'); 'sum' uses
+  it as it is.
 )doc");
 
 REGISTER_OP("SparseTablePushRagged")
@@ -253,6 +263,7 @@ REGISTER_OP("SparseTablePushRagged")
     .Input("grads: float")
     .Input("learning_rate: float")
     .Output("step: int64")
+    .Attr("combiner: {'sum', 'mean'} = 'sum'")
     .Attr("Tsplits: {int32, int64} = DT_INT64")
     .SetIsStateful()
     .SetShapeFn([](InferenceContext* c) {
@@ -277,9 +288,9 @@ REGISTER_OP("SparseTablePushRagged")
 SparseTablePush for ragged keys, one gradient row per ragged row.
 
 Key i takes grads[r, :], r its ragged row (row_splits[r] <= i <
-row_splits[r + 1]): the gradient of SparseTablePullRagged's combined rows
-('sum'; divide grads by each row's size first for 'mean'), used for each of
-the row's keys without a copy per key. Otherwise as SparseTablePush.
+row_splits[r + 1]): the gradient of SparseTablePullRagged's combined rows,
+used for each of the row's keys without a copy per key. Otherwise as
+SparseTablePush.
 
 keys: The ragged keys' values.
 row_splits: Their row splits: from 0 to the number of keys, never
@@ -287,6 +298,8 @@ row_splits: Their row splits: from 0 to the number of keys, never
 grads: [row_splits.shape[0] - 1, dim].
 learning_rate: A scalar (> 0 for ftrl).
 step: The table's step after this push (1 for the first push).
+combiner: 'mean' divides grads[r] by the size of row r (the gradient of
+  SparseTablePullRagged's 'mean'); 'sum' uses it as it is.
 )doc");
 
 REGISTER_OP("SparseTableSize")

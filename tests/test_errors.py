@@ -51,6 +51,10 @@ SPARSE_TABLE_SHAPE_ERRORS = {
         lambda: st.sparse_table_push(handle(), ph(I, []), ph(F, [8]),
                                      ph(F, []), shared_grads=True),
         ["SparseTablePush: keys must have rank >= 1 with shared_grads"]),
+    "push_mean_without_shared_grads": (
+        lambda: st.sparse_table_push(handle(), ph(I, [4]), ph(F, [4, 8]),
+                                     ph(F, []), combiner="mean"),
+        ["SparseTablePush: combiner 'mean' needs shared_grads"]),
     "push_learning_rate": (
         lambda: st.sparse_table_push(handle(), ph(I, [4]), ph(F, [4, 8]),
                                      ph(F, [2])),
@@ -191,6 +195,11 @@ def test_sparse_table_push_kernel_message_matches_the_shape_function():
                            r"shared_grads, got shape \[\]"):
     st.sparse_table_push(h, tf.zeros([], tf.int64), tf.zeros([16]), 0.1,
                          shared_grads=True)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"SparseTablePush: combiner 'mean' needs "
+                           r"shared_grads"):
+    st.sparse_table_push(h, tf.zeros([4], tf.int64), tf.zeros([4, 16]), 0.1,
+                         combiner="mean")
 
 
 def test_sparse_table_pull_kernel_messages():

@@ -582,6 +582,31 @@ def test_ragged_push_with_shared_grads_equals_a_row_per_key(opt,
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("ragged", [False, True])
+def test_shared_push_mean_divides_each_row_by_its_key_count(ragged):
+  """push(..., shared_grads=True, combiner="mean"): each gradient row
+  divided by the number of keys sharing it (an empty ragged row's by 1),
+  bit for bit as a "sum" push of the rows divided beforehand."""
+  rng = np.random.default_rng(14)
+  if ragged:
+    lengths = rng.integers(0, 7, size=300)
+    keys = tf.RaggedTensor.from_row_lengths(
+        rng.integers(0, 400, size=lengths.sum()), lengths)
+  else:
+    lengths = np.full(300, 6)
+    keys = rng.integers(0, 400, size=(300, 6))
+  grads = rng.normal(size=(300, 5)).astype(np.float32)
+  divided = grads / np.maximum(lengths, 1).astype(np.float32)[:, None]
+  results = []
+  for g, combiner in ((grads, "mean"), (divided, "sum")):
+    t = table(dim=5, optimizer="adam", seed=4)
+    for lr in (0.1, 0.02):
+      t.push(keys, g, lr, shared_grads=True, combiner=combiner)
+    results.append(snapshot(t))
+  for a, b in zip(*results):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_push_creates_missing_rows_from_their_initial_value():
   t = table(dim=3, optimizer="sgd", seed=8)
   init = table(dim=3, seed=8).pull([42]).numpy()

@@ -246,7 +246,7 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
         insert_missing=insert_missing, combiner=combiner or "none", name=name)
 
   def push(self, keys, grads, learning_rate=None, shared_grads=False,
-           name=None):
+           combiner="sum", name=None):
     """One optimizer step: grads (keys.shape + [dim]) of equal keys are
     summed, then every distinct key's row and slots are updated once.
     shared_grads=True: grads is keys.shape[:-1] + [dim], one row for the
@@ -258,7 +258,9 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
     higher ragged rank (grads as that pull gives them, ragged, or their
     flat values), and keys with a uniform inner axis share as dense keys
     do. Without shared_grads grads holds a row per key (a RaggedTensor
-    [rows, None, dim] or its flat values [n, dim]).
+    [rows, None, dim] or its flat values [n, dim]). combiner="mean" (with
+    shared_grads) divides each gradient row by the number of keys sharing
+    it, the gradient of pull(keys, combiner="mean").
     Returns the table's step after this push (int64 scalar)."""
     lr = self.learning_rate if learning_rate is None else tf.cast(
         learning_rate, tf.float32)
@@ -271,13 +273,14 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
           keys = keys.values
         return gen_sparse_table_ops.sparse_table_push_ragged(
             self.resource_handle, keys.values, keys.row_splits,
-            tf.convert_to_tensor(grads, tf.float32), lr, name=name)
+            tf.convert_to_tensor(grads, tf.float32), lr,
+            combiner=combiner or "sum", name=name)
       keys = keys.flat_values
     keys = _as_int64(keys, "keys")
     grads = tf.convert_to_tensor(grads, tf.float32)
     return gen_sparse_table_ops.sparse_table_push(
         self.resource_handle, keys, grads, lr, shared_grads=shared_grads,
-        name=name)
+        combiner=combiner or "sum", name=name)
 
   def size(self, name=None):
     """The number of rows (int64 scalar)."""
@@ -504,19 +507,27 @@ def _lookup(table, keys, trigger, insert_missing, learning_rate, with_probe,
       push_keys, push_grads = table.push_transform(push_keys, push_grads)
     return push_keys, push_grads
 
+  # A shared push of ragged keys divides each row by its key count itself
+  # for 'mean' (TensorFlow's reduce_mean divides by the data-dependent row
+  # sizes, as the kernel does). Dense keys' rows are divided here: with a
+  # static last axis Grappler turns the division into a multiplication by
+  # its reciprocal, in reduce_mean's gradient and here alike.
+  push_mean = shared and ragged and combiner == "mean"
+
   def push(push_keys, push_grads):
     return table.push(push_keys, push_grads, learning_rate,
-                      shared_grads=shared)
+                      shared_grads=shared,
+                      combiner="mean" if push_mean else "sum")
 
   def flat_grads(dy):
     if ragged:  # each key takes its ragged row's gradient (divided by its size)
       dy = tf.cast(tf.convert_to_tensor(dy), tf.float32)
+      if shared:
+        return keys, dy
       splits = keys.row_splits
       if combiner == "mean":
         counts = tf.cast(splits[1:] - splits[:-1], tf.float32)
         dy = dy / tf.maximum(counts, 1.0)[:, tf.newaxis]
-      if shared:
-        return keys, dy
       n = tf.shape(keys.values, out_type=splits.dtype)[0]
       row_ids = tf.searchsorted(splits, tf.range(n), side="right",
                                 out_type=splits.dtype) - 1

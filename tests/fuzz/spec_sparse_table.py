@@ -144,7 +144,9 @@ def _push_ragged_case(draw):
   else:
     grads = draw(strategies.arrays(dtypes=[np.float32, np.float64]))
   lr = draw(st.sampled_from([0.1, 0.0, -1.0, np.nan]).map(np.float32))
-  return [h, keys, splits, grads, lr], ("Tsplits", tsplits)
+  return [h, keys, splits, grads, lr], (
+      "combiner", draw(st.sampled_from(["sum", "mean", "bad"])),
+      "Tsplits", tsplits)
 
 
 @st.composite
@@ -156,7 +158,8 @@ def _push_case(draw):
   lr = draw(st.one_of(
       st.sampled_from([0.1, 0.0, -1.0, np.nan, np.inf]).map(np.float32),
       strategies.arrays(dtypes=[np.float32])))
-  return [h, keys, grads, lr], ("shared_grads", shared)
+  return [h, keys, grads, lr], ("shared_grads", shared, "combiner",
+                                 draw(st.sampled_from(["sum", "mean", "bad"])))
 
 
 @st.composite
