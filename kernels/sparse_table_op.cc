@@ -140,6 +140,17 @@ Status ParseCombiner(const char* op, const std::string& name, functor::PullCombi
   return Status();
 }
 
+// The groups of dense keys' last axis (keys of rank >= 1, checked by the
+// caller): each keys[i..., :] is a group; *rows is keys' shape without that
+// axis.
+Status LastAxisGroups(const Tensor& keys, TensorShape* rows, functor::RowGroups* groups) {
+  *rows = keys.shape();
+  groups->keys_per_group = keys.dim_size(keys.dims() - 1);
+  TF_RETURN_IF_ERROR(rows->RemoveLastDimsWithStatus(1));
+  groups->count = rows->num_elements();
+  return Status();
+}
+
 // The groups of a ragged op: keys (input 1) of rank 1 and their row splits
 // (input 2: rank 1, int32 or int64, from 0 to the number of keys, never
 // decreasing), checked before anything reads them. int32 splits are
@@ -251,10 +262,7 @@ class SparseTablePullOp : public PullOpBase<Device> {
                                      "' needs keys of rank >= 1 (their last axis is "
                                      "combined), got a scalar");
     }
-    groups->keys_per_group = keys.dim_size(keys.dims() - 1);
-    TF_RETURN_IF_ERROR(rows->RemoveLastDimsWithStatus(1));
-    groups->count = rows->num_elements();
-    return Status();
+    return LastAxisGroups(keys, rows, groups);
   }
 };
 
@@ -381,20 +389,19 @@ class SparseTablePushOp : public PushOpBase<Device> {
   Status Groups(OpKernelContext*, const Tensor& keys, TensorShape* rows,
                 functor::RowGroups* groups, std::vector<int64_t>*,
                 std::string* what) override {
-    *rows = keys.shape();
     *what = absl::StrCat("keys shape ", keys.shape().DebugString());
-    groups->count = keys.NumElements();
-    if (!shared_grads_) return Status();
+    if (!shared_grads_) {
+      *rows = keys.shape();
+      groups->count = keys.NumElements();
+      return Status();
+    }
     if (keys.dims() < 1) {
       return errors::InvalidArgument(
           "SparseTablePush: keys must have rank >= 1 with shared_grads, got shape ",
           keys.shape().DebugString());
     }
-    groups->keys_per_group = keys.dim_size(keys.dims() - 1);
-    TF_RETURN_IF_ERROR(rows->RemoveLastDimsWithStatus(1));
-    groups->count = rows->num_elements();
     absl::StrAppend(what, " without its last axis");
-    return Status();
+    return LastAxisGroups(keys, rows, groups);
   }
 
   bool shared_grads_ = false;

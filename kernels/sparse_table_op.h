@@ -9,6 +9,7 @@
 #ifndef HPC_OPS_KERNELS_SPARSE_TABLE_OP_H_
 #define HPC_OPS_KERNELS_SPARSE_TABLE_OP_H_
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -435,6 +436,12 @@ struct RowGroups {
   int64_t keys_per_group = 1;
   const int64_t* splits = nullptr;
   int64_t Begin(int64_t r) const { return splits != nullptr ? splits[r] : r * keys_per_group; }
+  // The group of key i (in [0, number of keys)): the last one starting at
+  // or before it.
+  int64_t GroupOf(int64_t i) const {
+    if (splits == nullptr) return i / keys_per_group;
+    return std::upper_bound(splits, splits + count + 1, i) - splits - 1;
+  }
 };
 
 // values[i, :] = row of keys[i]; missing keys get a new row (insert_missing,

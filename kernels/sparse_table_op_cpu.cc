@@ -968,13 +968,7 @@ Status SparseTablePull<CPUDevice>::operator()(OpKernelContext* ctx, SparseTable*
   // since) reads its initial value, as in a pull that does not combine.
   std::vector<int64_t> redo;  // groups, ascending
   for (int64_t i = 0; i < m; ++i) {
-    int64_t r;
-    if (groups.splits == nullptr) {
-      r = misses[i] / groups.keys_per_group;
-    } else {  // the last group that starts at or before the key
-      r = std::upper_bound(groups.splits, groups.splits + groups.count + 1, misses[i]) -
-          groups.splits - 1;
-    }
+    const int64_t r = groups.GroupOf(misses[i]);
     if (redo.empty() || redo.back() != r) redo.push_back(r);
   }
   constexpr int64_t kRedoChunk = 64;  // groups
