@@ -44,6 +44,15 @@ absl::Status ValidateTableHandle(InferenceContext* c, const char* op) {
                               c->DebugString(c->input(0))));
 }
 
+// The ragged ops' keys (input 1) and row splits (input 2) must have rank
+// 1; *rows is the number of ragged rows, one less than the splits.
+absl::Status RaggedRows(InferenceContext* c, const char* op, DimensionHandle* rows) {
+  ShapeHandle keys, splits;
+  TF_RETURN_IF_ERROR(CheckRank(c, op, 1, "keys", 1, &keys));
+  TF_RETURN_IF_ERROR(CheckRank(c, op, 2, "row_splits", 1, &splits));
+  return c->Subtract(c->Dim(splits, 0), 1, rows);
+}
+
 // grads (input `grads_index`) must be keys.shape + [dim]; with
 // `shared_grads` (a row shared by the keys of keys[..., :]) keys.shape[:-1]
 // + [dim].
@@ -184,13 +193,10 @@ REGISTER_OP("SparseTablePullRagged")
     .SetShapeFn([](InferenceContext* c) {
       constexpr char kOp[] = "SparseTablePullRagged";
       TF_RETURN_IF_ERROR(ValidateTableHandle(c, kOp));
-      ShapeHandle keys, splits;
-      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 1, "keys", 1, &keys));
-      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 2, "row_splits", 1, &splits));
+      DimensionHandle rows;
+      TF_RETURN_IF_ERROR(RaggedRows(c, kOp, &rows));
       int64_t dim;
       TF_RETURN_IF_ERROR(c->GetAttr("dim", &dim));
-      DimensionHandle rows;
-      TF_RETURN_IF_ERROR(c->Subtract(c->Dim(splits, 0), 1, &rows));
       c->set_output(0, c->Matrix(rows, dim));
       return absl::OkStatus();
     })
@@ -269,17 +275,15 @@ REGISTER_OP("SparseTablePushRagged")
     .SetShapeFn([](InferenceContext* c) {
       constexpr char kOp[] = "SparseTablePushRagged";
       TF_RETURN_IF_ERROR(ValidateTableHandle(c, kOp));
-      ShapeHandle splits, grads, unused;
-      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 1, "keys", 1, &unused));
-      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 2, "row_splits", 1, &splits));
-      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 3, "grads", 2, &grads));
       DimensionHandle rows, merged;
-      TF_RETURN_IF_ERROR(c->Subtract(c->Dim(splits, 0), 1, &rows));
+      TF_RETURN_IF_ERROR(RaggedRows(c, kOp, &rows));
+      ShapeHandle grads, unused;
+      TF_RETURN_IF_ERROR(CheckRank(c, kOp, 3, "grads", 2, &grads));
       TF_RETURN_IF_ERROR(Explain(
           c->Merge(c->Dim(grads, 0), rows, &merged), kOp,
           absl::StrCat("grads shape ", c->DebugString(grads),
                        " does not match the rows of row_splits shape ",
-                       c->DebugString(splits), " + [dim]")));
+                       c->DebugString(c->input(2)), " + [dim]")));
       TF_RETURN_IF_ERROR(CheckRank(c, kOp, 4, "learning_rate", 0, &unused));
       c->set_output(0, c->Scalar());
       return absl::OkStatus();
